@@ -1,0 +1,1 @@
+//! rill's CPU device: a work-stealing pool and the CPU kernels.

@@ -1,0 +1,566 @@
+//! `Tensor`: a dtype, a shape and cheaply cloned storage (inline for tiny tensors, a 64-byte-aligned
+//! shared host buffer, byte strings, or memory owned by an accelerator device).
+
+use crate::{DType, Element, Error, Result, Shape};
+use bytemuck::{Pod, Zeroable};
+use serde::{Deserialize, Serialize};
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+/// Alignment of every host tensor buffer, in bytes: one cache line and one AVX-512 vector.
+pub const BUFFER_ALIGN: usize = 64;
+/// Tensors of at most this many bytes are stored inside the `Tensor` value, with no allocation.
+pub const INLINE_BYTES: usize = 16;
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C, align(64))]
+struct Block([u8; BUFFER_ALIGN]);
+
+/// A 64-byte-aligned, zero-initialised host buffer of `len` bytes.
+#[derive(Clone)]
+pub struct Buffer {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+impl Buffer {
+    /// A zeroed buffer. Large buffers come from the allocator's zeroed pages, so no memset is paid.
+    pub fn zeroed(len: usize) -> Buffer {
+        Buffer { blocks: bytemuck::allocation::zeroed_vec(len.div_ceil(BUFFER_ALIGN)), len }
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Buffer {
+        let mut b = Buffer::zeroed(bytes.len());
+        b.as_bytes_mut().copy_from_slice(bytes);
+        b
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.blocks)[..self.len]
+    }
+
+    #[inline]
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.blocks)[..self.len]
+    }
+}
+
+impl fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Buffer({} bytes)", self.len)
+    }
+}
+
+/// Memory owned by an accelerator device. Host code cannot read it; the owning device copies it.
+pub trait DeviceMemory: Send + Sync + fmt::Debug {
+    /// Full name of the device that owns the memory.
+    fn device(&self) -> &str;
+    fn len_bytes(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+}
+
+#[derive(Clone)]
+enum Data {
+    Inline([u64; INLINE_BYTES / 8]),
+    Host(Arc<Buffer>),
+    Strings(Arc<Vec<Vec<u8>>>),
+    Device(Arc<dyn DeviceMemory>),
+}
+
+/// An n-dimensional array. Cloning is cheap: the storage is shared, and writes copy on demand.
+#[derive(Clone)]
+pub struct Tensor {
+    dtype: DType,
+    shape: Shape,
+    data: Data,
+}
+
+fn byte_len(dtype: DType, shape: &Shape) -> Result<usize> {
+    let n = shape.checked_num_elements()?;
+    let size = dtype
+        .size()
+        .ok_or_else(|| Error::invalid_argument(format!("{dtype} has no fixed element size")))?;
+    n.checked_mul(size).ok_or_else(|| Error::invalid_argument(format!("shape {shape} too large")))
+}
+
+impl Tensor {
+    /// A zero-filled tensor of a fixed-size dtype (strings: empty strings).
+    pub fn zeros(dtype: DType, shape: impl Into<Shape>) -> Tensor {
+        let shape = shape.into();
+        match dtype {
+            DType::String | DType::Resource => Tensor {
+                dtype,
+                shape,
+                data: Data::Strings(Arc::new(vec![Vec::new(); shape.num_elements()])),
+            },
+            _ => {
+                let len = byte_len(dtype, &shape).expect("zeros: shape fits in memory");
+                Tensor::from_buffer(dtype, shape, Buffer::zeroed(len)).expect("sizes match")
+            }
+        }
+    }
+
+    /// Like `zeros` but an error, not a panic, when the size overflows.
+    pub fn try_zeros(dtype: DType, shape: Shape) -> Result<Tensor> {
+        if dtype.size().is_some() {
+            byte_len(dtype, &shape)?;
+        }
+        Ok(Tensor::zeros(dtype, shape))
+    }
+
+    /// A tensor over an existing buffer; the buffer's length must match dtype and shape exactly.
+    pub fn from_buffer(dtype: DType, shape: Shape, buf: Buffer) -> Result<Tensor> {
+        let len = byte_len(dtype, &shape)?;
+        if buf.len() != len {
+            return Err(Error::invalid_argument(format!(
+                "buffer of {} bytes does not hold a {dtype} tensor of shape {shape} ({len} bytes)",
+                buf.len()
+            )));
+        }
+        if len <= INLINE_BYTES {
+            return Ok(Tensor::inline(dtype, shape, buf.as_bytes()));
+        }
+        Ok(Tensor { dtype, shape, data: Data::Host(Arc::new(buf)) })
+    }
+
+    fn inline(dtype: DType, shape: Shape, bytes: &[u8]) -> Tensor {
+        let mut words = [0u64; INLINE_BYTES / 8];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Tensor { dtype, shape, data: Data::Inline(words) }
+    }
+
+    /// A tensor holding a copy of `bytes` (native-endian element bytes).
+    pub fn from_bytes(dtype: DType, shape: Shape, bytes: &[u8]) -> Result<Tensor> {
+        let len = byte_len(dtype, &shape)?;
+        if bytes.len() != len {
+            return Err(Error::invalid_argument(format!(
+                "{} bytes do not hold a {dtype} tensor of shape {shape} ({len} bytes)",
+                bytes.len()
+            )));
+        }
+        if len <= INLINE_BYTES {
+            return Ok(Tensor::inline(dtype, shape, bytes));
+        }
+        Ok(Tensor { dtype, shape, data: Data::Host(Arc::new(Buffer::from_bytes(bytes))) })
+    }
+
+    /// A tensor holding a copy of `values`; their count must match the shape.
+    pub fn new<T: Element>(shape: impl Into<Shape>, values: &[T]) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.num_elements() != values.len() {
+            return Err(Error::invalid_argument(format!(
+                "{} values do not fill shape {shape}",
+                values.len()
+            )));
+        }
+        Tensor::from_bytes(T::DTYPE, shape, bytemuck::cast_slice(values))
+    }
+
+    pub fn scalar<T: Element>(v: T) -> Tensor {
+        Tensor::inline(T::DTYPE, Shape::SCALAR, bytemuck::bytes_of(&v))
+    }
+
+    pub fn vector<T: Element>(values: &[T]) -> Tensor {
+        Tensor::new(Shape::vector(values.len()), values).expect("a vector fits its own length")
+    }
+
+    pub fn from_bools(shape: impl Into<Shape>, values: &[bool]) -> Result<Tensor> {
+        let bytes: Vec<u8> = values.iter().map(|&b| b as u8).collect();
+        let shape = shape.into();
+        if shape.num_elements() != bytes.len() {
+            return Err(Error::invalid_argument(format!(
+                "{} values do not fill shape {shape}",
+                values.len()
+            )));
+        }
+        Tensor::from_bytes(DType::Bool, shape, &bytes)
+    }
+
+    pub fn scalar_bool(v: bool) -> Tensor {
+        Tensor::inline(DType::Bool, Shape::SCALAR, &[v as u8])
+    }
+
+    pub fn from_strings(shape: impl Into<Shape>, values: Vec<Vec<u8>>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.num_elements() != values.len() {
+            return Err(Error::invalid_argument(format!(
+                "{} strings do not fill shape {shape}",
+                values.len()
+            )));
+        }
+        Ok(Tensor { dtype: DType::String, shape, data: Data::Strings(Arc::new(values)) })
+    }
+
+    pub fn scalar_string(s: impl Into<Vec<u8>>) -> Tensor {
+        Tensor {
+            dtype: DType::String,
+            shape: Shape::SCALAR,
+            data: Data::Strings(Arc::new(vec![s.into()])),
+        }
+    }
+
+    /// A scalar resource handle naming a resource by container and shared name.
+    pub fn resource_handle(container: &str, name: &str) -> Tensor {
+        let mut v = container.as_bytes().to_vec();
+        v.push(0);
+        v.extend_from_slice(name.as_bytes());
+        Tensor { dtype: DType::Resource, shape: Shape::SCALAR, data: Data::Strings(Arc::new(vec![v])) }
+    }
+
+    /// The `(container, shared_name)` of a scalar resource handle.
+    pub fn as_resource_handle(&self) -> Result<(String, String)> {
+        if self.dtype != DType::Resource || self.shape.rank() != 0 {
+            return Err(Error::invalid_argument(format!(
+                "expected a scalar resource handle, got {} {}",
+                self.dtype, self.shape
+            )));
+        }
+        let v = &self.raw_strings()[0];
+        let cut = v.iter().position(|&b| b == 0).unwrap_or(v.len());
+        let c = String::from_utf8_lossy(&v[..cut]).into_owned();
+        let n = String::from_utf8_lossy(v.get(cut + 1..).unwrap_or(&[])).into_owned();
+        Ok((c, n))
+    }
+
+    /// A tensor living in a device's memory.
+    pub fn from_device_memory(dtype: DType, shape: Shape, mem: Arc<dyn DeviceMemory>) -> Tensor {
+        Tensor { dtype, shape, data: Data::Device(mem) }
+    }
+
+    #[inline]
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    #[inline]
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    #[inline]
+    pub fn num_elements(&self) -> usize {
+        self.shape.num_elements()
+    }
+
+    /// Bytes held by the elements (strings: the sum of their lengths).
+    pub fn byte_size(&self) -> usize {
+        match &self.data {
+            Data::Strings(s) => s.iter().map(|x| x.len()).sum(),
+            Data::Device(m) => m.len_bytes(),
+            _ => self.num_elements() * self.dtype.size().unwrap_or(0),
+        }
+    }
+
+    pub fn is_host(&self) -> bool {
+        !matches!(self.data, Data::Device(_))
+    }
+
+    /// The device memory, when the tensor lives on a device.
+    pub fn device_memory(&self) -> Option<&Arc<dyn DeviceMemory>> {
+        match &self.data {
+            Data::Device(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The element bytes of a fixed-size host tensor.
+    pub fn as_bytes(&self) -> Result<&[u8]> {
+        let n = self.num_elements() * self.dtype.size().unwrap_or(0);
+        match &self.data {
+            Data::Inline(w) => Ok(&bytemuck::cast_slice(w)[..n]),
+            Data::Host(b) => Ok(b.as_bytes()),
+            Data::Strings(_) => {
+                Err(Error::invalid_argument(format!("a {} tensor has no flat bytes", self.dtype)))
+            }
+            Data::Device(m) => Err(Error::invalid_argument(format!(
+                "tensor lives on {}; copy it to the host first",
+                m.device()
+            ))),
+        }
+    }
+
+    /// Mutable element bytes; copies the storage first when it is shared (copy-on-write).
+    pub fn as_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        let n = self.num_elements() * self.dtype.size().unwrap_or(0);
+        match &mut self.data {
+            Data::Inline(w) => Ok(&mut bytemuck::cast_slice_mut(w)[..n]),
+            Data::Host(b) => Ok(Arc::make_mut(b).as_bytes_mut()),
+            Data::Strings(_) => {
+                Err(Error::invalid_argument(format!("a {} tensor has no flat bytes", self.dtype)))
+            }
+            Data::Device(m) => Err(Error::invalid_argument(format!(
+                "tensor lives on {}; copy it to the host first",
+                m.device()
+            ))),
+        }
+    }
+
+    /// Whether writing would copy: the host buffer is shared with another tensor.
+    pub fn is_shared(&self) -> bool {
+        match &self.data {
+            Data::Host(b) => Arc::strong_count(b) > 1,
+            Data::Strings(s) => Arc::strong_count(s) > 1,
+            Data::Device(m) => Arc::strong_count(m) > 1,
+            Data::Inline(_) => false,
+        }
+    }
+
+    fn check_dtype<T: Element>(&self) -> Result<()> {
+        if self.dtype != T::DTYPE {
+            return Err(Error::invalid_argument(format!(
+                "tensor has dtype {}, not {}",
+                self.dtype,
+                T::DTYPE
+            )));
+        }
+        Ok(())
+    }
+
+    /// The elements as a typed slice; the dtype must match `T`.
+    #[inline]
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        self.check_dtype::<T>()?;
+        Ok(bytemuck::cast_slice(self.as_bytes()?))
+    }
+
+    /// The elements as a mutable typed slice (copy-on-write when shared).
+    #[inline]
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        self.check_dtype::<T>()?;
+        Ok(bytemuck::cast_slice_mut(self.as_bytes_mut()?))
+    }
+
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        Ok(self.as_slice::<T>()?.to_vec())
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn scalar_value<T: Element>(&self) -> Result<T> {
+        let s = self.as_slice::<T>()?;
+        if s.len() != 1 {
+            return Err(Error::invalid_argument(format!(
+                "expected one element, tensor has shape {}",
+                self.shape
+            )));
+        }
+        Ok(s[0])
+    }
+
+    /// Bool elements as bytes 0/1.
+    pub fn bool_bytes(&self) -> Result<&[u8]> {
+        if self.dtype != DType::Bool {
+            return Err(Error::invalid_argument(format!("tensor has dtype {}, not bool", self.dtype)));
+        }
+        self.as_bytes()
+    }
+
+    pub fn bool_values(&self) -> Result<Vec<bool>> {
+        Ok(self.bool_bytes()?.iter().map(|&b| b != 0).collect())
+    }
+
+    fn raw_strings(&self) -> &[Vec<u8>] {
+        match &self.data {
+            Data::Strings(s) => s,
+            _ => &[],
+        }
+    }
+
+    /// The byte strings of a string tensor.
+    pub fn strings(&self) -> Result<&[Vec<u8>]> {
+        if self.dtype != DType::String {
+            return Err(Error::invalid_argument(format!(
+                "tensor has dtype {}, not string",
+                self.dtype
+            )));
+        }
+        Ok(self.raw_strings())
+    }
+
+    /// Mutable strings (copy-on-write when shared).
+    pub fn strings_mut(&mut self) -> Result<&mut Vec<Vec<u8>>> {
+        match &mut self.data {
+            Data::Strings(s) if self.dtype == DType::String => Ok(Arc::make_mut(s)),
+            _ => Err(Error::invalid_argument(format!(
+                "tensor has dtype {}, not string",
+                self.dtype
+            ))),
+        }
+    }
+
+    /// The same elements under another shape with as many elements; shares storage.
+    pub fn reshape(&self, shape: Shape) -> Result<Tensor> {
+        if shape.num_elements() != self.num_elements() {
+            return Err(Error::invalid_argument(format!(
+                "cannot reshape a tensor of shape {} ({} elements) to {shape}",
+                self.shape,
+                self.num_elements()
+            )));
+        }
+        Ok(Tensor { dtype: self.dtype, shape, data: self.data.clone() })
+    }
+
+    /// Rows `start..end` along the first dimension, as a new tensor.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        let r = self.shape.rank();
+        if r == 0 || start > end || end > self.shape.dim(0) {
+            return Err(Error::invalid_argument(format!(
+                "rows {start}..{end} out of range for shape {}",
+                self.shape
+            )));
+        }
+        let mut shape = self.shape;
+        shape.set_dim(0, end - start);
+        let row = self.shape.tail().num_elements();
+        if let Data::Strings(s) = &self.data {
+            return Ok(Tensor {
+                dtype: self.dtype,
+                shape,
+                data: Data::Strings(Arc::new(s[start * row..end * row].to_vec())),
+            });
+        }
+        let es = self.dtype.size().unwrap_or(0);
+        let bytes = self.as_bytes()?;
+        Tensor::from_bytes(self.dtype, shape, &bytes[start * row * es..end * row * es])
+    }
+
+    /// Stacks tensors of one dtype and shape along a new first dimension.
+    pub fn stack(parts: &[Tensor]) -> Result<Tensor> {
+        let first = parts.first().ok_or_else(|| Error::invalid_argument("stack of no tensors"))?;
+        for p in parts {
+            if p.dtype != first.dtype || p.shape != first.shape {
+                return Err(Error::invalid_argument(format!(
+                    "cannot stack {} {} with {} {}",
+                    p.dtype, p.shape, first.dtype, first.shape
+                )));
+            }
+        }
+        Tensor::concat_rows(parts, first.shape.prepend(parts.len())?)
+    }
+
+    /// Concatenates tensors along their first dimension into `shape` (whose element count must match).
+    pub fn concat_rows(parts: &[Tensor], shape: Shape) -> Result<Tensor> {
+        let dtype = parts.first().map(|p| p.dtype).unwrap_or(DType::F32);
+        if matches!(dtype, DType::String | DType::Resource) {
+            let mut v = Vec::with_capacity(shape.num_elements());
+            for p in parts {
+                v.extend_from_slice(p.raw_strings());
+            }
+            return Tensor::from_strings(shape, v).map(|mut t| {
+                t.dtype = dtype;
+                t
+            });
+        }
+        let mut buf = Buffer::zeroed(byte_len(dtype, &shape)?);
+        let out = buf.as_bytes_mut();
+        let mut at = 0;
+        for p in parts {
+            let b = p.as_bytes()?;
+            if p.dtype != dtype || at + b.len() > out.len() {
+                return Err(Error::invalid_argument("concat parts do not fit the result"));
+            }
+            out[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        if at != out.len() {
+            return Err(Error::invalid_argument("concat parts do not fill the result"));
+        }
+        Tensor::from_buffer(dtype, shape, buf)
+    }
+
+    /// Element `i` of a numeric tensor as f64 (for tests and diagnostics).
+    pub fn get_f64(&self, i: usize) -> Result<f64> {
+        crate::dispatch_numeric!(self.dtype, T => Ok(self.as_slice::<T>()?[i].to_f64()),
+            _ => match self.dtype {
+                DType::Bool => Ok(self.bool_bytes()?[i] as f64),
+                d => Err(Error::invalid_argument(format!("{d} is not numeric"))),
+            })
+    }
+
+    /// All elements of a numeric or bool tensor as f64.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        (0..self.num_elements()).map(|i| self.get_f64(i)).collect()
+    }
+}
+
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        if self.dtype != other.dtype || self.shape != other.shape {
+            return false;
+        }
+        match (&self.data, &other.data) {
+            (Data::Strings(a), Data::Strings(b)) => a == b,
+            (Data::Device(a), Data::Device(b)) => Arc::ptr_eq(a, b),
+            _ => match (self.as_bytes(), other.as_bytes()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            },
+        }
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor<{}{}>", self.dtype, self.shape)?;
+        const SHOWN: usize = 8;
+        match &self.data {
+            Data::Device(m) => write!(f, "(on {})", m.device()),
+            Data::Strings(s) => {
+                let shown: Vec<_> =
+                    s.iter().take(SHOWN).map(|x| String::from_utf8_lossy(x).into_owned()).collect();
+                write!(f, "{shown:?}")
+            }
+            _ => {
+                let n = self.num_elements();
+                let v: Vec<f64> =
+                    (0..n.min(SHOWN)).map(|i| self.get_f64(i).unwrap_or(f64::NAN)).collect();
+                write!(f, "{v:?}{}", if n > SHOWN { "..." } else { "" })
+            }
+        }
+    }
+}
+
+/// The serde form: dtype, dims, and either the raw element bytes or the strings.
+#[derive(Serialize, Deserialize)]
+struct TensorRepr {
+    dtype: DType,
+    shape: Shape,
+    bytes: Vec<u8>,
+    strings: Vec<Vec<u8>>,
+}
+
+impl Serialize for Tensor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let (bytes, strings) = match &self.data {
+            Data::Strings(v) => (Vec::new(), v.as_ref().clone()),
+            Data::Device(m) => {
+                return Err(S::Error::custom(format!("tensor lives on {}", m.device())))
+            }
+            _ => (self.as_bytes().map_err(S::Error::custom)?.to_vec(), Vec::new()),
+        };
+        TensorRepr { dtype: self.dtype, shape: self.shape, bytes, strings }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Tensor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let r = TensorRepr::deserialize(d)?;
+        match r.dtype {
+            DType::String | DType::Resource => {
+                if r.strings.len() != r.shape.num_elements() {
+                    return Err(D::Error::custom("string count does not match the shape"));
+                }
+                Ok(Tensor { dtype: r.dtype, shape: r.shape, data: Data::Strings(Arc::new(r.strings)) })
+            }
+            dt => Tensor::from_bytes(dt, r.shape, &r.bytes).map_err(D::Error::custom),
+        }
+    }
+}

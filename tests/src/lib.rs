@@ -1,0 +1,1 @@
+//! Shared helpers for rill's cross-crate integration tests and benchmark programs.
