@@ -49,7 +49,12 @@ impl Graph {
         self.core_named("Placeholder", name, &[], attrs! { "dtype" => dtype, "shape" => shape.into() })
     }
 
-    pub fn placeholder_with_default(&self, name: &str, default: Output, shape: impl Into<PartialShape>) -> Output {
+    pub fn placeholder_with_default(
+        &self,
+        name: &str,
+        default: Output,
+        shape: impl Into<PartialShape>,
+    ) -> Output {
         self.core_named("PlaceholderWithDefault", name, &[default], attrs! { "shape" => shape.into() })
     }
 
@@ -210,9 +215,8 @@ impl Graph {
             }
             (None, _) => {
                 // The variable's own name is exact: variable scopes, not name scopes, decide it.
-                let init = self.with_exact_name_scope(&format!("{full}/Initializer/"), |g| {
-                    initializer(g, shape, dtype)
-                });
+                let init = self
+                    .with_exact_name_scope(&format!("{full}/Initializer/"), |g| initializer(g, shape, dtype));
                 self.with_exact_name_scope("", |g| g.variable(&full, init))
             }
         }
@@ -327,11 +331,7 @@ impl Graph {
 
     /// MatMul with transpose flags.
     pub fn matmul_t(&self, a: Output, b: Output, transpose_a: bool, transpose_b: bool) -> Output {
-        self.core(
-            "MatMul",
-            &[a, b],
-            attrs! { "transpose_a" => transpose_a, "transpose_b" => transpose_b },
-        )
+        self.core("MatMul", &[a, b], attrs! { "transpose_a" => transpose_a, "transpose_b" => transpose_b })
     }
 
     pub fn bias_add(&self, x: Output, bias: Output) -> Output {
@@ -435,7 +435,11 @@ impl Graph {
     }
 
     /// Per-example loss for integer class labels, and its gradient with respect to the logits.
-    pub fn sparse_softmax_cross_entropy_with_logits(&self, logits: Output, labels: Output) -> (Output, Output) {
+    pub fn sparse_softmax_cross_entropy_with_logits(
+        &self,
+        logits: Output,
+        labels: Output,
+    ) -> (Output, Output) {
         let o = self.core("SparseSoftmaxCrossEntropyWithLogits", &[logits, labels], attrs! {});
         (o, Output::new(o.node, 1))
     }

@@ -38,9 +38,7 @@ impl DeviceName {
             let (k, v) = part.split_once(':').ok_or_else(bad)?;
             match k {
                 "job" => {
-                    if v.is_empty()
-                        || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                    {
+                    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                         return Err(bad());
                     }
                     d.job = Some(v.to_string());
@@ -115,9 +113,9 @@ impl DeviceName {
             what: &str,
         ) -> Result<Option<T>> {
             match (a, b) {
-                (Some(x), Some(y)) if x != y => Err(Error::invalid_argument(format!(
-                    "conflicting {what}: {x:?} and {y:?}"
-                ))),
+                (Some(x), Some(y)) if x != y => {
+                    Err(Error::invalid_argument(format!("conflicting {what}: {x:?} and {y:?}")))
+                }
                 (Some(x), _) => Ok(Some(x.clone())),
                 (None, y) => Ok(y.clone()),
             }

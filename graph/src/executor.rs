@@ -78,16 +78,16 @@ impl Executor {
         let mut items = Vec::with_capacity(n);
         for (i, node) in graph.nodes.iter().enumerate() {
             let op = ops.get(&node.op).map_err(|e| e.context(format!("node '{}'", node.name)))?;
-            let input_types: Vec<TensorInfo> = node
-                .inputs
-                .iter()
-                .map(|o| graph.node(o.node).outputs[o.index as usize].clone())
-                .collect();
+            let input_types: Vec<TensorInfo> =
+                node.inputs.iter().map(|o| graph.node(o.node).outputs[o.index as usize].clone()).collect();
             let inputs = node
                 .inputs
                 .iter()
                 .enumerate()
-                .map(|(k, o)| InputSrc { slot: slot_base[o.node.0 as usize] + o.index, by_ref: op.is_ref_input(k) })
+                .map(|(k, o)| InputSrc {
+                    slot: slot_base[o.node.0 as usize] + o.index,
+                    by_ref: op.is_ref_input(k),
+                })
                 .collect();
             let kernel = kernels.create(node, &input_types, &device)?;
             let inline = match &kernel {
@@ -270,7 +270,11 @@ impl State {
                         }
                         drop(g);
                         if let (Some(stats), Some(start)) = (&s.stats, start) {
-                            stats.record(NodeExecStats::new(&s.exec.items[n as usize].info, start, Instant::now()));
+                            stats.record(NodeExecStats::new(
+                                &s.exec.items[n as usize].info,
+                                start,
+                                Instant::now(),
+                            ));
                         }
                         s.async_done(n, res);
                     });
@@ -352,7 +356,10 @@ impl State {
                     let _ = self.entries[item.out_base as usize + i].set(v);
                 }
                 None => {
-                    self.fail(node_error(&item.info, Error::internal(format!("kernel did not set output {i}"))));
+                    self.fail(node_error(
+                        &item.info,
+                        Error::internal(format!("kernel did not set output {i}")),
+                    ));
                     return 0;
                 }
             }

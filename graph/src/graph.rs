@@ -132,10 +132,12 @@ impl DeviceScope {
 impl From<&str> for DeviceScope {
     fn from(s: &str) -> DeviceScope {
         // A malformed name is kept as given and reported when the node is placed.
-        DeviceScope::Name(DeviceName::parse(s).unwrap_or_else(|_| DeviceName {
-            job: Some(format!("<malformed:{s}>")),
-            ..Default::default()
-        }))
+        DeviceScope::Name(
+            DeviceName::parse(s).unwrap_or_else(|_| DeviceName {
+                job: Some(format!("<malformed:{s}>")),
+                ..Default::default()
+            }),
+        )
     }
 }
 
@@ -440,9 +442,11 @@ impl Graph {
         let mut consts = Vec::with_capacity(inputs.len());
         let mut err = None;
         for (i, inp) in inputs.iter().enumerate() {
-            match inner.nodes.get(inp.node.0 as usize).and_then(|n| {
-                n.outputs.get(inp.index as usize).map(|o| (o.clone(), n))
-            }) {
+            match inner
+                .nodes
+                .get(inp.node.0 as usize)
+                .and_then(|n| n.outputs.get(inp.index as usize).map(|o| (o.clone(), n)))
+            {
                 Some((info, src)) => {
                     consts.push(if src.op == "Const" {
                         src.attrs.tensor("value").ok().cloned()
@@ -481,7 +485,8 @@ impl Graph {
                 Vec::new()
             }
             None => {
-                let ctx = InferCtx { node: &name, op: op.name, inputs: &in_infos, attrs: &attrs, consts: &consts };
+                let ctx =
+                    InferCtx { node: &name, op: op.name, inputs: &in_infos, attrs: &attrs, consts: &consts };
                 match (op.infer)(&ctx) {
                     Ok(o) => o,
                     Err(e) => {

@@ -3,8 +3,7 @@
 
 use crate::device::{Device, IntraOpPool};
 use crate::{
-    CancellationManager, DType, Error, NodeDef, Rendezvous, ResourceMgr, Result, Tensor, TensorInfo,
-    Variable,
+    CancellationManager, DType, Error, NodeDef, Rendezvous, ResourceMgr, Result, Tensor, TensorInfo, Variable,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -211,7 +210,10 @@ pub trait AsyncOpKernel: Send + Sync {
 /// An instantiated kernel.
 pub enum Kernel {
     /// `expensive` kernels run on the inter-op pool; cheap ones inline on the current thread.
-    Sync { kernel: Box<dyn OpKernel>, expensive: bool },
+    Sync {
+        kernel: Box<dyn OpKernel>,
+        expensive: bool,
+    },
     Async(Box<dyn AsyncOpKernel>),
 }
 
@@ -248,23 +250,23 @@ impl KernelInit<'_> {
     }
 
     pub fn output_dtype(&self, i: usize) -> Result<DType> {
-        self.node.outputs.get(i).map(|o| o.dtype).ok_or_else(|| {
-            Error::internal(format!("node '{}' has no output {i}", self.node.name))
-        })
+        self.node
+            .outputs
+            .get(i)
+            .map(|o| o.dtype)
+            .ok_or_else(|| Error::internal(format!("node '{}' has no output {i}", self.node.name)))
     }
 
     pub fn input_dtype(&self, i: usize) -> Result<DType> {
-        self.input_types.get(i).map(|o| o.dtype).ok_or_else(|| {
-            Error::internal(format!("node '{}' has no input {i}", self.node.name))
-        })
+        self.input_types
+            .get(i)
+            .map(|o| o.dtype)
+            .ok_or_else(|| Error::internal(format!("node '{}' has no input {i}", self.node.name)))
     }
 
     /// Whether every output has a statically known, small element count.
     pub fn outputs_small(&self) -> bool {
-        self.node
-            .outputs
-            .iter()
-            .all(|o| o.shape.num_elements().is_some_and(|n| n <= INLINE_MAX_ELEMENTS))
+        self.node.outputs.iter().all(|o| o.shape.num_elements().is_some_and(|n| n <= INLINE_MAX_ELEMENTS))
     }
 }
 
@@ -346,7 +348,12 @@ impl KernelRegistry {
     }
 
     /// The registration for `node` on `device_type`, if any accepts its dtypes.
-    pub fn find(&self, node: &NodeDef, input_types: &[DType], device_type: &str) -> Option<&'static KernelDef> {
+    pub fn find(
+        &self,
+        node: &NodeDef,
+        input_types: &[DType],
+        device_type: &str,
+    ) -> Option<&'static KernelDef> {
         self.by_op
             .get(node.op.as_str())?
             .iter()
@@ -372,7 +379,12 @@ impl KernelRegistry {
     }
 
     /// Instantiates the kernel for `node` on `device`.
-    pub fn create(&self, node: &NodeDef, input_types: &[TensorInfo], device: &Arc<dyn Device>) -> Result<Kernel> {
+    pub fn create(
+        &self,
+        node: &NodeDef,
+        input_types: &[TensorInfo],
+        device: &Arc<dyn Device>,
+    ) -> Result<Kernel> {
         let dts: Vec<DType> = input_types.iter().map(|t| t.dtype).collect();
         let ty = device.device_type().to_string();
         let def = self.find(node, &dts, &ty).ok_or_else(|| {
@@ -383,8 +395,7 @@ impl KernelRegistry {
                 self.device_types_for(node, &dts)
             ))
         })?;
-        (def.create)(&KernelInit { node, input_types, device }).map_err(|e| {
-            Error::new(e.code, format!("node '{}' ({}): {}", node.name, node.op, e.msg))
-        })
+        (def.create)(&KernelInit { node, input_types, device })
+            .map_err(|e| Error::new(e.code, format!("node '{}' ({}): {}", node.name, node.op, e.msg)))
     }
 }

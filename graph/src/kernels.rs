@@ -2,9 +2,15 @@
 //! variables and their assignments, the step's `_Arg`/`_Retval`, and `_Send`/`_Recv`.
 //! Accelerator crates register the same factories under their own device type.
 
-use crate::kernel::{AsyncDone, AsyncKernelContext, AsyncOpKernel, Kernel, KernelDef, KernelInit, OpKernel, OpKernelContext, TypeOf, Value};
+use crate::kernel::{
+    AsyncDone, AsyncKernelContext, AsyncOpKernel, Kernel, KernelDef, KernelInit, OpKernel, OpKernelContext,
+    TypeOf, Value,
+};
 use crate::partition::rendezvous_key_of;
-use crate::{dispatch_numeric, AttrsExt, DType, Element, Error, RendezvousKey, Result, Tensor, Variable, DEFAULT_CONTAINER};
+use crate::{
+    dispatch_numeric, AttrsExt, DType, Element, Error, RendezvousKey, Result, Tensor, Variable,
+    DEFAULT_CONTAINER,
+};
 
 struct ConstK(Tensor);
 impl OpKernel for ConstK {
@@ -194,10 +200,7 @@ impl OpKernel for ArgK {
 }
 
 pub fn create_arg(init: &KernelInit<'_>) -> Result<Kernel> {
-    Ok(Kernel::cheap(ArgK {
-        index: init.attrs().int("index")? as usize,
-        dtype: init.attrs().dtype("T")?,
-    }))
+    Ok(Kernel::cheap(ArgK { index: init.attrs().int("index")? as usize, dtype: init.attrs().dtype("T")? }))
 }
 
 struct RetvalK {
@@ -206,9 +209,12 @@ struct RetvalK {
 impl OpKernel for RetvalK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
         let t = ctx.device().to_host(ctx.input(0)?)?;
-        let slot = ctx.step.frame.retvals.get(self.index).ok_or_else(|| {
-            Error::internal(format!("no return slot {} in this step", self.index))
-        })?;
+        let slot = ctx
+            .step
+            .frame
+            .retvals
+            .get(self.index)
+            .ok_or_else(|| Error::internal(format!("no return slot {} in this step", self.index)))?;
         slot.set(t).map_err(|_| Error::internal(format!("return value {} set twice", self.index)))
     }
 }

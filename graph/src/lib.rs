@@ -36,7 +36,9 @@ pub use device::{Device, DeviceAttributes, DeviceFactory, IntraOpPool, Task};
 pub use device_name::DeviceName;
 pub use error::{Code, Error, Result};
 pub use executor::Executor;
-pub use graph::{DeviceScope, Graph, GraphDef, NodeDef, NodeId, Output, Reuse, VariableInfo, VariableOptions};
+pub use graph::{
+    DeviceScope, Graph, GraphDef, NodeDef, NodeId, Output, Reuse, VariableInfo, VariableOptions,
+};
 pub use kernel::{
     AsyncDone, AsyncKernelContext, AsyncOpKernel, CallFrame, Kernel, KernelDef, KernelInit, KernelRegistry,
     NodeInfo, OpKernel, OpKernelContext, StepContext, StepId, TypeOf, Value,
@@ -44,7 +46,9 @@ pub use kernel::{
 pub use op::{InferCtx, OpDef, OpRegistry, TensorInfo};
 pub use rendezvous::{LocalRendezvous, RecvDone, Rendezvous, RendezvousKey};
 pub use resource::{Resource, ResourceMgr, Variable, DEFAULT_CONTAINER};
-pub use session::{DirectSession, GpuOptions, RunMetadata, RunOptions, Runtime, Session, SessionOptions, TraceLevel};
+pub use session::{
+    DirectSession, GpuOptions, RunMetadata, RunOptions, Runtime, Session, SessionOptions, TraceLevel,
+};
 pub use shape::{PartialShape, Shape, MAX_RANK};
 pub use tensor::{Buffer, DeviceMemory, Tensor};
 pub use trace::StepStats;
@@ -59,7 +63,9 @@ pub fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }

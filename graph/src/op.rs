@@ -37,10 +37,7 @@ impl InferCtx<'_> {
 
     pub fn expect_inputs(&self, n: usize) -> Result<()> {
         if self.inputs.len() != n {
-            return Err(Error::invalid_argument(format!(
-                "expects {n} inputs, got {}",
-                self.inputs.len()
-            )));
+            return Err(Error::invalid_argument(format!("expects {n} inputs, got {}", self.inputs.len())));
         }
         Ok(())
     }
@@ -163,10 +160,7 @@ impl OpRegistry {
     }
 
     pub fn get(&self, name: &str) -> Result<&'static OpDef> {
-        self.ops
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::not_found(format!("op '{name}' is not registered")))
+        self.ops.get(name).copied().ok_or_else(|| Error::not_found(format!("op '{name}' is not registered")))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {

@@ -333,8 +333,7 @@ fn infer_squeeze(c: &InferCtx) -> Result<Vec<TensorInfo>> {
             drop[a] = true;
         }
     }
-    let out: Vec<Option<usize>> =
-        dims.iter().zip(&drop).filter(|(_, &d)| !d).map(|(x, _)| *x).collect();
+    let out: Vec<Option<usize>> = dims.iter().zip(&drop).filter(|(_, &d)| !d).map(|(x, _)| *x).collect();
     Ok(vec![ti(c.dtype(0), PartialShape::from(out))])
 }
 
@@ -370,9 +369,9 @@ fn infer_concat(c: &InferCtx) -> Result<Vec<TensorInfo>> {
         }
         let mut m = PartialShape::from(vec![None]);
         for i in &idx {
-            m = m.merge(&PartialShape::from(vec![c.shape(*i).dim(k)])).map_err(|_| {
-                bad(format!("concatenated values differ in dimension {k}"))
-            })?;
+            m = m
+                .merge(&PartialShape::from(vec![c.shape(*i).dim(k)]))
+                .map_err(|_| bad(format!("concatenated values differ in dimension {k}")))?;
         }
         *o = m.dim(0);
     }

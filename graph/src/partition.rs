@@ -2,7 +2,9 @@
 //! into `_Arg` and fetches into `_Retval` nodes; `partition` splits a placed graph per device,
 //! with one `_Send`/`_Recv` pair per tensor and destination, and dummy tensors for control edges.
 
-use crate::{attrs, AttrsExt, DType, DeviceName, Error, GraphDef, NodeDef, NodeId, Output, Result, Tensor, TensorInfo};
+use crate::{
+    attrs, AttrsExt, DType, DeviceName, Error, GraphDef, NodeDef, NodeId, Output, Result, Tensor, TensorInfo,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Where a step's feeds and fetches went in the rewritten graph.
@@ -211,7 +213,8 @@ pub fn partition(
                 Some(&r) => r,
                 None => {
                     let edge = format!("{}:{}", graph.nodes[s].name, inp.index);
-                    let cast = opts.cross_task_cast.filter(|_| !src.same_task(dst) && info.dtype == DType::F32);
+                    let cast =
+                        opts.cross_task_cast.filter(|_| !src.same_task(dst) && info.dtype == DType::F32);
                     let wire_type = cast.unwrap_or(info.dtype);
                     // Sender side (with an optional cast down to the wire dtype).
                     let sp = parts.get_mut(src).ok_or_else(|| Error::internal("source partition missing"))?;
@@ -219,7 +222,12 @@ pub fn partition(
                     if let Some(ct) = cast {
                         let id = sp.nodes.len() as u32;
                         sp.nodes.push(NodeDef {
-                            name: fresh(format!("{}/_cast_{}_to_{}", graph.nodes[s].name, inp.index, ct.name())),
+                            name: fresh(format!(
+                                "{}/_cast_{}_to_{}",
+                                graph.nodes[s].name,
+                                inp.index,
+                                ct.name()
+                            )),
                             op: "Cast".into(),
                             inputs: vec![send_input],
                             control_inputs: vec![],
@@ -246,7 +254,8 @@ pub fn partition(
                         attrs: key_attrs.clone(),
                         outputs: vec![],
                     });
-                    let dp = parts.get_mut(dst).ok_or_else(|| Error::internal("destination partition missing"))?;
+                    let dp =
+                        parts.get_mut(dst).ok_or_else(|| Error::internal("destination partition missing"))?;
                     let rid = dp.nodes.len() as u32;
                     dp.nodes.push(NodeDef {
                         name: fresh(format!("{}/_recv_{}", graph.nodes[s].name, inp.index)),
@@ -319,7 +328,8 @@ pub fn partition(
                         attrs: key_attrs.clone(),
                         outputs: vec![],
                     });
-                    let dp = parts.get_mut(dst).ok_or_else(|| Error::internal("destination partition missing"))?;
+                    let dp =
+                        parts.get_mut(dst).ok_or_else(|| Error::internal("destination partition missing"))?;
                     let rid = dp.nodes.len() as u32;
                     dp.nodes.push(NodeDef {
                         name: fresh(format!("{}/_control_recv", graph.nodes[s].name)),

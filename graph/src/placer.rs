@@ -31,11 +31,7 @@ impl Placement {
 
     /// One line per node saying why it went where it went.
     pub fn explain(&self, g: &GraphDef) -> String {
-        g.nodes
-            .iter()
-            .zip(&self.explanations)
-            .map(|(n, e)| format!("{} ({}): {e}\n", n.name, n.op))
-            .collect()
+        g.nodes.iter().zip(&self.explanations).map(|(n, e)| format!("{} ({}): {e}\n", n.name, n.op)).collect()
     }
 }
 
@@ -100,11 +96,8 @@ pub fn place(
     let mut expl = vec![String::new(); n];
     for members in groups.values() {
         let group_names: Vec<&str> = members.iter().map(|&m| graph.nodes[m].name.as_str()).collect();
-        let group_note = if members.len() > 1 {
-            format!(" [group: {}]", group_names.join(", "))
-        } else {
-            String::new()
-        };
+        let group_note =
+            if members.len() > 1 { format!(" [group: {}]", group_names.join(", ")) } else { String::new() };
         // Rule 1: an earlier placement of any member holds for the whole group.
         if let Some(prev) = members.iter().find_map(|&m| previous.get(&graph.nodes[m].name)) {
             if devices.iter().any(|d| &d.name == prev) {
@@ -181,10 +174,17 @@ pub fn place(
             (*c, how)
         } else if opts.allow_soft_placement {
             let task_spec = spec.task_name();
-            let relaxed = by_priority(devices.iter().filter(|dv| task_spec.matches(&dv.name)).filter(ok).collect());
+            let relaxed =
+                by_priority(devices.iter().filter(|dv| task_spec.matches(&dv.name)).filter(ok).collect());
             let any = by_priority(devices.iter().filter(ok).collect());
             match relaxed.first().or(any.first()) {
-                Some(c) => (*c, format!("requested '{requested}' could not be met; soft placement chose {}", c.device_type)),
+                Some(c) => (
+                    *c,
+                    format!(
+                        "requested '{requested}' could not be met; soft placement chose {}",
+                        c.device_type
+                    ),
+                ),
                 None => return Err(no_kernel(graph, members, &group_names, &requested, devices, &supported)),
             }
         } else {
@@ -192,7 +192,8 @@ pub fn place(
         };
         for &m in members {
             out[m] = chosen.name.clone();
-            let why = if reasons[m].is_empty() { String::new() } else { format!("; {}", reasons[m].join(", ")) };
+            let why =
+                if reasons[m].is_empty() { String::new() } else { format!("; {}", reasons[m].join(", ")) };
             expl[m] = format!("{}: {how}{why}{group_note}", chosen.name);
         }
     }

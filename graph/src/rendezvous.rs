@@ -38,12 +38,8 @@ impl RendezvousKey {
         }
         let inc = u64::from_str_radix(parts[1], 16)
             .map_err(|_| Error::invalid_argument(format!("bad incarnation in key '{s}'")))?;
-        let k = RendezvousKey::new(
-            &DeviceName::parse(parts[0])?,
-            inc,
-            &DeviceName::parse(parts[2])?,
-            parts[3],
-        );
+        let k =
+            RendezvousKey::new(&DeviceName::parse(parts[0])?, inc, &DeviceName::parse(parts[2])?, parts[3]);
         Ok(k)
     }
 }

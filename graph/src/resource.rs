@@ -67,9 +67,9 @@ impl ResourceMgr {
 
     pub fn lookup<T: Resource>(&self, container: &str, name: &str) -> Result<Arc<T>> {
         let m = self.lock();
-        let (r, ty) = m.get(&(container.to_string(), name.to_string())).ok_or_else(|| {
-            Error::not_found(format!("resource '{container}/{name}' does not exist"))
-        })?;
+        let (r, ty) = m
+            .get(&(container.to_string(), name.to_string()))
+            .ok_or_else(|| Error::not_found(format!("resource '{container}/{name}' does not exist")))?;
         r.clone().downcast::<T>().map_err(|_| {
             Error::invalid_argument(format!(
                 "resource '{container}/{name}' is a {ty}, not a {}",
@@ -142,10 +142,7 @@ impl Variable {
     }
 
     fn uninitialized(&self) -> Error {
-        Error::failed_precondition(format!(
-            "Attempting to use uninitialized value {}",
-            self.name
-        ))
+        Error::failed_precondition(format!("Attempting to use uninitialized value {}", self.name))
     }
 
     /// Replaces the value. With `validate_shape`, the value must fit the declared shape.

@@ -70,11 +70,19 @@ impl SessionOptions {
     }
 
     pub fn inter_op_threads(&self) -> usize {
-        if self.inter_op_parallelism_threads == 0 { Self::num_cores() } else { self.inter_op_parallelism_threads }
+        if self.inter_op_parallelism_threads == 0 {
+            Self::num_cores()
+        } else {
+            self.inter_op_parallelism_threads
+        }
     }
 
     pub fn intra_op_threads(&self) -> usize {
-        if self.intra_op_parallelism_threads == 0 { Self::num_cores() } else { self.intra_op_parallelism_threads }
+        if self.intra_op_parallelism_threads == 0 {
+            Self::num_cores()
+        } else {
+            self.intra_op_parallelism_threads
+        }
     }
 
     /// Whether a device passes `device_filters`.
@@ -154,7 +162,13 @@ pub struct Runtime {
 
 impl fmt::Debug for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Runtime({:?}, {:?}, {} device factories)", self.ops, self.kernels, self.device_factories.len())
+        write!(
+            f,
+            "Runtime({:?}, {:?}, {} device factories)",
+            self.ops,
+            self.kernels,
+            self.device_factories.len()
+        )
     }
 }
 
@@ -232,7 +246,12 @@ impl StepWaiter {
     pub fn part_done(&self, r: Result<()>) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = r {
-            if st.1.is_none() || st.1.as_ref().is_some_and(|p| p.code == crate::Code::Cancelled && e.code != crate::Code::Cancelled) {
+            if st.1.is_none()
+                || st
+                    .1
+                    .as_ref()
+                    .is_some_and(|p| p.code == crate::Code::Cancelled && e.code != crate::Code::Cancelled)
+            {
                 st.1 = Some(e);
             }
         }
@@ -297,7 +316,11 @@ pub fn step_deadline(opts: &RunOptions, session_timeout_ms: u64) -> (Option<Inst
 }
 
 /// Checks fed tensors against the graph's types.
-pub fn check_feeds(feeds: &[(Output, Tensor)], types: &[TensorInfo], names: &dyn Fn(Output) -> String) -> Result<()> {
+pub fn check_feeds(
+    feeds: &[(Output, Tensor)],
+    types: &[TensorInfo],
+    names: &dyn Fn(Output) -> String,
+) -> Result<()> {
     for ((o, t), info) in feeds.iter().zip(types) {
         if t.dtype() != info.dtype {
             return Err(Error::invalid_argument(format!(
@@ -352,7 +375,12 @@ impl DirectSession {
     /// (`/job:localhost/replica:0/task:0`). A graph that failed to build is refused with its error.
     pub fn new(graph: &Graph, runtime: &Runtime, opts: SessionOptions) -> Result<DirectSession> {
         graph.status()?;
-        let task = DeviceName { job: Some("localhost".into()), replica: Some(0), task: Some(0), ..Default::default() };
+        let task = DeviceName {
+            job: Some("localhost".into()),
+            replica: Some(0),
+            task: Some(0),
+            ..Default::default()
+        };
         let devices: Vec<Arc<dyn Device>> = runtime
             .create_devices(&opts, &task)?
             .into_iter()
@@ -436,8 +464,13 @@ impl DirectSession {
                 }
             }
         }
-        let inc = |d: &DeviceName| self.attrs.iter().find(|a| &a.name == d).map(|a| a.incarnation).unwrap_or(0);
-        let parts = partition(&sg.graph, &placement.devices, &PartitionOptions { incarnation: &inc, cross_task_cast: None })?;
+        let inc =
+            |d: &DeviceName| self.attrs.iter().find(|a| &a.name == d).map(|a| a.incarnation).unwrap_or(0);
+        let parts = partition(
+            &sg.graph,
+            &placement.devices,
+            &PartitionOptions { incarnation: &inc, cross_task_cast: None },
+        )?;
         let mut executors = Vec::new();
         let mut partition_graphs = Vec::new();
         for (dev_name, g) in parts {
@@ -450,7 +483,12 @@ impl DirectSession {
             executors.push((Arc::new(exec), dev_name.to_string()));
             partition_graphs.push(g);
         }
-        let plan = Arc::new(StepPlan { executors, feed_types: sg.feed_types, num_fetches: fetches.len(), partition_graphs });
+        let plan = Arc::new(StepPlan {
+            executors,
+            feed_types: sg.feed_types,
+            num_fetches: fetches.len(),
+            partition_graphs,
+        });
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, plan.clone());
         Ok(plan)
     }
@@ -475,7 +513,8 @@ impl Session for DirectSession {
             let g = self.graph.read().unwrap_or_else(|e| e.into_inner());
             format!("{}:{}", g.node(o.node).name, o.index)
         })?;
-        let frame = Arc::new(CallFrame::new(feeds.iter().map(|f| Some(f.1.clone())).collect(), plan.num_fetches));
+        let frame =
+            Arc::new(CallFrame::new(feeds.iter().map(|f| Some(f.1.clone())).collect(), plan.num_fetches));
         let (deadline, timeout_ms) = step_deadline(opts, self.opts.operation_timeout_in_ms);
         let rendezvous: Arc<dyn Rendezvous> = Arc::new(LocalRendezvous::new());
         let cancellation = Arc::new(CancellationManager::new());
@@ -498,7 +537,9 @@ impl Session for DirectSession {
             .collect();
         run_partitions(&parts, &cancellation, rendezvous.as_ref(), deadline, timeout_ms)?;
         if let Some(md) = metadata {
-            md.step_stats = StepStats { nodes: parts.iter().filter_map(|p| p.2.as_ref()).flat_map(|c| c.take()).collect() };
+            md.step_stats = StepStats {
+                nodes: parts.iter().filter_map(|p| p.2.as_ref()).flat_map(|c| c.take()).collect(),
+            };
             if opts.output_partition_graphs {
                 md.partition_graphs = plan.partition_graphs.clone();
             }
@@ -507,7 +548,9 @@ impl Session for DirectSession {
             .retvals
             .iter()
             .enumerate()
-            .map(|(i, r)| r.get().cloned().ok_or_else(|| Error::internal(format!("fetch {i} was not produced"))))
+            .map(|(i, r)| {
+                r.get().cloned().ok_or_else(|| Error::internal(format!("fetch {i} was not produced")))
+            })
             .collect()
     }
 
@@ -516,7 +559,9 @@ impl Session for DirectSession {
         let new = graph.to_graph_def();
         let mut g = self.graph.write().unwrap_or_else(|e| e.into_inner());
         if new.nodes.len() < g.nodes.len() || new.nodes[..g.nodes.len()] != g.nodes[..] {
-            return Err(Error::invalid_argument("extend() needs the same graph with nodes added, not a different graph"));
+            return Err(Error::invalid_argument(
+                "extend() needs the same graph with nodes added, not a different graph",
+            ));
         }
         *g = new;
         Ok(())

@@ -73,9 +73,10 @@ impl Shape {
 
     /// Number of elements, or `InvalidArgument` when the product overflows.
     pub fn checked_num_elements(&self) -> Result<usize> {
-        self.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-            Error::invalid_argument(format!("shape {self} has too many elements"))
-        })
+        self.dims()
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::invalid_argument(format!("shape {self} has too many elements")))
     }
 
     /// This shape with `d` appended (error past `MAX_RANK`).
@@ -228,9 +229,7 @@ impl PartialShape {
     pub fn is_compatible_with(&self, s: &Shape) -> bool {
         match &self.dims {
             None => true,
-            Some(d) => {
-                d.len() == s.rank() && d.iter().zip(s.dims()).all(|(a, b)| a.is_none_or(|a| a == *b))
-            }
+            Some(d) => d.len() == s.rank() && d.iter().zip(s.dims()).all(|(a, b)| a.is_none_or(|a| a == *b)),
         }
     }
 

@@ -84,9 +84,8 @@ pub struct Tensor {
 
 fn byte_len(dtype: DType, shape: &Shape) -> Result<usize> {
     let n = shape.checked_num_elements()?;
-    let size = dtype
-        .size()
-        .ok_or_else(|| Error::invalid_argument(format!("{dtype} has no fixed element size")))?;
+    let size =
+        dtype.size().ok_or_else(|| Error::invalid_argument(format!("{dtype} has no fixed element size")))?;
     n.checked_mul(size).ok_or_else(|| Error::invalid_argument(format!("shape {shape} too large")))
 }
 
@@ -95,11 +94,9 @@ impl Tensor {
     pub fn zeros(dtype: DType, shape: impl Into<Shape>) -> Tensor {
         let shape = shape.into();
         match dtype {
-            DType::String | DType::Resource => Tensor {
-                dtype,
-                shape,
-                data: Data::Strings(Arc::new(vec![Vec::new(); shape.num_elements()])),
-            },
+            DType::String | DType::Resource => {
+                Tensor { dtype, shape, data: Data::Strings(Arc::new(vec![Vec::new(); shape.num_elements()])) }
+            }
             _ => {
                 let len = byte_len(dtype, &shape).expect("zeros: shape fits in memory");
                 Tensor::from_buffer(dtype, shape, Buffer::zeroed(len)).expect("sizes match")
@@ -199,11 +196,7 @@ impl Tensor {
     }
 
     pub fn scalar_string(s: impl Into<Vec<u8>>) -> Tensor {
-        Tensor {
-            dtype: DType::String,
-            shape: Shape::SCALAR,
-            data: Data::Strings(Arc::new(vec![s.into()])),
-        }
+        Tensor { dtype: DType::String, shape: Shape::SCALAR, data: Data::Strings(Arc::new(vec![s.into()])) }
     }
 
     /// A scalar resource handle naming a resource by container and shared name.
@@ -375,10 +368,7 @@ impl Tensor {
     /// The byte strings of a string tensor.
     pub fn strings(&self) -> Result<&[Vec<u8>]> {
         if self.dtype != DType::String {
-            return Err(Error::invalid_argument(format!(
-                "tensor has dtype {}, not string",
-                self.dtype
-            )));
+            return Err(Error::invalid_argument(format!("tensor has dtype {}, not string", self.dtype)));
         }
         Ok(self.raw_strings())
     }
@@ -387,10 +377,7 @@ impl Tensor {
     pub fn strings_mut(&mut self) -> Result<&mut Vec<Vec<u8>>> {
         match &mut self.data {
             Data::Strings(s) if self.dtype == DType::String => Ok(Arc::make_mut(s)),
-            _ => Err(Error::invalid_argument(format!(
-                "tensor has dtype {}, not string",
-                self.dtype
-            ))),
+            _ => Err(Error::invalid_argument(format!("tensor has dtype {}, not string", self.dtype))),
         }
     }
 
@@ -477,10 +464,10 @@ impl Tensor {
     /// Element `i` of a numeric tensor as f64 (for tests and diagnostics).
     pub fn get_f64(&self, i: usize) -> Result<f64> {
         crate::dispatch_numeric!(self.dtype, T => Ok(self.as_slice::<T>()?[i].to_f64()),
-            _ => match self.dtype {
-                DType::Bool => Ok(self.bool_bytes()?[i] as f64),
-                d => Err(Error::invalid_argument(format!("{d} is not numeric"))),
-            })
+        _ => match self.dtype {
+            DType::Bool => Ok(self.bool_bytes()?[i] as f64),
+            d => Err(Error::invalid_argument(format!("{d} is not numeric"))),
+        })
     }
 
     /// All elements of a numeric or bool tensor as f64.
@@ -518,8 +505,7 @@ impl fmt::Debug for Tensor {
             }
             _ => {
                 let n = self.num_elements();
-                let v: Vec<f64> =
-                    (0..n.min(SHOWN)).map(|i| self.get_f64(i).unwrap_or(f64::NAN)).collect();
+                let v: Vec<f64> = (0..n.min(SHOWN)).map(|i| self.get_f64(i).unwrap_or(f64::NAN)).collect();
                 write!(f, "{v:?}{}", if n > SHOWN { "..." } else { "" })
             }
         }
@@ -540,9 +526,7 @@ impl Serialize for Tensor {
         use serde::ser::Error as _;
         let (bytes, strings) = match &self.data {
             Data::Strings(v) => (Vec::new(), v.as_ref().clone()),
-            Data::Device(m) => {
-                return Err(S::Error::custom(format!("tensor lives on {}", m.device())))
-            }
+            Data::Device(m) => return Err(S::Error::custom(format!("tensor lives on {}", m.device()))),
             _ => (self.as_bytes().map_err(S::Error::custom)?.to_vec(), Vec::new()),
         };
         TensorRepr { dtype: self.dtype, shape: self.shape, bytes, strings }.serialize(s)
