@@ -417,7 +417,7 @@ impl Graph {
             let inner = self.inner.borrow();
             format!("{}{}", inner.scopes.name_scope, if name.is_empty() { op.name } else { name })
         };
-        self.add_node_named(op, &full, inputs, attrs, false)
+        self.add_node_named(op, &full, inputs, attrs, true)
     }
 
     /// Adds a node with exactly `name` (no scope prefix); a taken name is an error unless
