@@ -571,6 +571,37 @@ fn infer_arg(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![ti(d, s)])
 }
 
+/// `Apply*` optimizer ops: reference inputs first (variable, then slots), then scalars and the
+/// gradient; the output is the variable's new value.
+fn infer_apply(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    let refs = match c.op {
+        "ApplyGradientDescent" => 1,
+        "ApplyMomentum" => 2,
+        "ApplyAdam" | "ApplyRMSProp" => 3,
+        _ => 1,
+    };
+    let want = match c.op {
+        "ApplyGradientDescent" => 3,
+        "ApplyMomentum" => 5,
+        "ApplyAdam" => 10,
+        "ApplyRMSProp" => 8,
+        _ => c.num_inputs(),
+    };
+    c.expect_inputs(want)?;
+    let d = c.expect_dtype(0, DType::FLOATS)?;
+    let idx: Vec<usize> = (0..want).collect();
+    c.same_dtype(&idx)?;
+    for i in 0..refs {
+        if !c.inputs[i].is_ref {
+            return Err(bad(format!("input {i} must be a variable (a reference)")));
+        }
+        c.shape(0).merge(c.shape(i)).map_err(|e| e.context("slot shape"))?;
+    }
+    let g = want - 1;
+    c.shape(0).merge(c.shape(g)).map_err(|e| e.context("gradient does not fit the variable"))?;
+    Ok(vec![ti(d, c.shape(0).clone())])
+}
+
 macro_rules! op {
     ($name:literal, $infer:expr) => {
         OpDef { name: $name, infer: $infer, ref_inputs: &[], stateful: false }
@@ -660,6 +691,10 @@ pub const OPS: &[OpDef] = &[
     op!("AddN", infer_add_n),
     op!("BroadcastGradientArgs", infer_broadcast_args),
     op!("SumToShape", infer_sum_to_shape),
+    op!("ApplyGradientDescent", infer_apply, refs: &[0], stateful),
+    op!("ApplyMomentum", infer_apply, refs: &[0, 1], stateful),
+    op!("ApplyAdam", infer_apply, refs: &[0, 1, 2], stateful),
+    op!("ApplyRMSProp", infer_apply, refs: &[0, 1, 2], stateful),
     op!("_Send", infer_none, stateful),
     op!("_Recv", infer_recv, stateful),
     op!("_Arg", infer_arg),

@@ -25,6 +25,7 @@ pub fn prune_and_rewrite(
     fetches: &[Output],
     targets: &[NodeId],
     client_device: &DeviceName,
+    ops: &OpRegistry,
 ) -> Result<StepGraph> {
     let n = full.nodes.len();
     let check = |o: &Output, what: &str| -> Result<()> {
@@ -134,7 +135,7 @@ pub fn prune_and_rewrite(
         let mut ins = Vec::with_capacity(node.inputs.len());
         for (k, o) in node.inputs.iter().enumerate() {
             // A reference consumer of a fed variable is refused; others read the fed value.
-            let by_ref = flags[k] && is_ref_consumer(&node.op, k);
+            let by_ref = flags[k] && ops.get(&node.op).is_ok_and(|op| op.is_ref_input(k));
             ins.push(remap(o, &name, by_ref)?);
         }
         node.inputs = ins;
@@ -155,10 +156,6 @@ pub fn prune_and_rewrite(
         origin.push(None);
     }
     Ok(StepGraph { graph: GraphDef { nodes }, feed_types, origin })
-}
-
-fn is_ref_consumer(op: &str, input: usize) -> bool {
-    input == 0 && (op.starts_with("Assign") || op.starts_with("Apply") || op == "IsVariableInitialized")
 }
 
 /// Options of `partition`.

@@ -422,7 +422,7 @@ impl DirectSession {
     pub fn explain_placement(&self, fetches: &[Output], targets: &[Output]) -> Result<String> {
         let g = self.graph.read().unwrap_or_else(|e| e.into_inner());
         let tnodes: Vec<NodeId> = targets.iter().map(|t| t.node).collect();
-        let sg = prune_and_rewrite(&g, &[], fetches, &tnodes, &self.client_device())?;
+        let sg = prune_and_rewrite(&g, &[], fetches, &tnodes, &self.client_device(), &self.runtime.ops)?;
         let p = self.place(&sg.graph)?;
         Ok(p.explain(&sg.graph))
     }
@@ -452,7 +452,7 @@ impl DirectSession {
         }
         let sg = {
             let g = self.graph.read().unwrap_or_else(|e| e.into_inner());
-            prune_and_rewrite(&g, feeds, fetches, targets, &self.client_device())?
+            prune_and_rewrite(&g, feeds, fetches, targets, &self.client_device(), &self.runtime.ops)?
         };
         let placement = self.place(&sg.graph)?;
         {

@@ -99,6 +99,9 @@ impl Tensor {
             }
             _ => {
                 let len = byte_len(dtype, &shape).expect("zeros: shape fits in memory");
+                if len <= INLINE_BYTES {
+                    return Tensor { dtype, shape, data: Data::Inline([0; INLINE_BYTES / 8]) };
+                }
                 Tensor::from_buffer(dtype, shape, Buffer::zeroed(len)).expect("sizes match")
             }
         }

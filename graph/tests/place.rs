@@ -141,10 +141,14 @@ fn explain_says_why() {
     g.with_device("/cpu:0", |g| g.variable("w", g.scalar(0f32)));
     let (ops, k) = registries();
     let def = g.to_graph_def();
-    let p = place(&def, &[dev("CPU", 0), dev("GPU", 0)], &ops, &k, &HashMap::new(), &PlacerOptions::default())
-        .unwrap();
+    let p =
+        place(&def, &[dev("CPU", 0), dev("GPU", 0)], &ops, &k, &HashMap::new(), &PlacerOptions::default())
+            .unwrap();
     let text = p.explain(&def);
-    assert!(text.contains("w (VariableV2): /job:localhost/replica:0/task:0/device:CPU:0: requested"), "{text}");
+    assert!(
+        text.contains("w (VariableV2): /job:localhost/replica:0/task:0/device:CPU:0: requested"),
+        "{text}"
+    );
     assert!(text.contains("reference edge from 'w'"), "{text}");
     assert!(p.log_lines(&def)[0].starts_with("Const: (Const): /job:localhost"));
 }
@@ -161,7 +165,8 @@ fn partition_inserts_one_send_per_tensor_and_destination() {
         .into_iter()
         .map(|d| DeviceName { job: Some("localhost".into()), replica: Some(0), task: Some(0), ..d })
         .collect();
-    let parts = partition(&def, &devs, &PartitionOptions { incarnation: &|_| 7, cross_task_cast: None }).unwrap();
+    let parts =
+        partition(&def, &devs, &PartitionOptions { incarnation: &|_| 7, cross_task_cast: None }).unwrap();
     assert_eq!(parts.len(), 3);
     let count = |p: &GraphDef, op: &str| p.nodes.iter().filter(|n| n.op == op).count();
     let cpu0 = &parts[&DeviceName::local("CPU", 0)];

@@ -1,1 +1,48 @@
-//! Shared helpers for rill's cross-crate integration tests and benchmark programs.
+//! Shared helpers for rill's cross-crate tests and benchmark programs: timing in the format of
+//! the TensorFlow peer scripts (`RESULT <name> = <value> <unit> [spread]`), medians of repetitions.
+
+use std::time::Instant;
+
+/// Runs `f` `inner` times per repetition after a warm-up; returns seconds per call of each
+/// repetition.
+pub fn bench(mut f: impl FnMut(), inner: usize, reps: usize) -> Vec<f64> {
+    for _ in 0..(inner / 10).max(1) {
+        f();
+    }
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            for _ in 0..inner {
+                f();
+            }
+            t0.elapsed().as_secs_f64() / inner as f64
+        })
+        .collect()
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `[min X% max Y% of median, n=N]`, the peer scripts' noise indicator.
+pub fn spread(xs: &[f64]) -> String {
+    let m = median(xs);
+    let min = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("[min {:.0}% max {:.0}% of median, n={}]", min / m * 100.0, max / m * 100.0, xs.len())
+}
+
+/// Prints one result line.
+pub fn line(name: &str, value: f64, unit: &str, extra: &str) {
+    println!("RESULT {name} = {value:.3} {unit} {extra}");
+}
