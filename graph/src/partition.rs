@@ -3,7 +3,8 @@
 //! with one `_Send`/`_Recv` pair per tensor and destination, and dummy tensors for control edges.
 
 use crate::{
-    attrs, AttrsExt, DType, DeviceName, Error, GraphDef, NodeDef, NodeId, Output, Result, Tensor, TensorInfo,
+    attrs, AttrsExt, DType, DeviceName, Error, GraphDef, NodeDef, NodeId, OpRegistry, Output, Result, Tensor,
+    TensorInfo,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 
