@@ -125,6 +125,7 @@ pub trait Device: Send + Sync {
     }
 
     /// A copy of a host tensor in this device's memory (identity for host devices).
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, t: Tensor) -> Result<Tensor> {
         Ok(t)
     }

@@ -217,10 +217,7 @@ impl State {
         let mut inputs: Vec<Value> = Vec::new();
         let mut outputs: Vec<Option<Value>> = Vec::new();
         let mut expensive: Vec<u32> = Vec::new();
-        loop {
-            let Some(n) = stack.pop().or_else(|| if on_pool { expensive.pop() } else { None }) else {
-                break;
-            };
+        while let Some(n) = stack.pop().or_else(|| if on_pool { expensive.pop() } else { None }) {
             for e in expensive.drain(..) {
                 self.schedule(e);
             }

@@ -27,8 +27,8 @@ pub struct GpuOptions {
     pub allow_growth: bool,
 }
 
-/// Options of a session (TensorFlow's `ConfigProto`).
-#[derive(Clone, Debug, PartialEq)]
+/// Options of a session (TensorFlow's `ConfigProto`); `Default` gives TensorFlow's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SessionOptions {
     /// Threads of the inter-op pool; 0 = number of cores.
     pub inter_op_parallelism_threads: usize,
@@ -45,22 +45,6 @@ pub struct SessionOptions {
     pub gpu_options: GpuOptions,
     /// Send f32 tensors between tasks as this half type (F16/BF16) and cast back.
     pub cross_task_cast: Option<crate::DType>,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            inter_op_parallelism_threads: 0,
-            intra_op_parallelism_threads: 0,
-            device_count: BTreeMap::new(),
-            allow_soft_placement: false,
-            log_device_placement: false,
-            operation_timeout_in_ms: 0,
-            device_filters: Vec::new(),
-            gpu_options: GpuOptions::default(),
-            cross_task_cast: None,
-        }
-    }
 }
 
 impl SessionOptions {

@@ -2,7 +2,6 @@
 //! shared host buffer, byte strings, or memory owned by an accelerator device).
 
 use crate::{DType, Element, Error, Result, Shape};
-use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::fmt;
@@ -13,21 +12,24 @@ pub const BUFFER_ALIGN: usize = 64;
 /// Tensors of at most this many bytes are stored inside the `Tensor` value, with no allocation.
 pub const INLINE_BYTES: usize = 16;
 
-#[derive(Clone, Copy, Pod, Zeroable)]
-#[repr(C, align(64))]
-struct Block([u8; BUFFER_ALIGN]);
-
 /// A 64-byte-aligned, zero-initialised host buffer of `len` bytes.
-#[derive(Clone)]
+///
+/// The bytes live in a `Vec<u8>` allocated zeroed with byte alignment, so large buffers come
+/// straight from the allocator's fresh zero pages (`calloc`) with no memset; the buffer starts at
+/// the first 64-byte boundary inside that allocation.
 pub struct Buffer {
-    blocks: Vec<Block>,
+    bytes: Vec<u8>,
+    offset: usize,
     len: usize,
 }
 
 impl Buffer {
-    /// A zeroed buffer. Large buffers come from the allocator's zeroed pages, so no memset is paid.
+    /// A zeroed buffer.
     pub fn zeroed(len: usize) -> Buffer {
-        Buffer { blocks: bytemuck::allocation::zeroed_vec(len.div_ceil(BUFFER_ALIGN)), len }
+        let bytes = vec![0u8; len + BUFFER_ALIGN - 1];
+        let addr = bytes.as_ptr() as usize;
+        let offset = (BUFFER_ALIGN - addr % BUFFER_ALIGN) % BUFFER_ALIGN;
+        Buffer { bytes, offset, len }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -43,12 +45,19 @@ impl Buffer {
 
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.blocks)[..self.len]
+        &self.bytes[self.offset..self.offset + self.len]
     }
 
     #[inline]
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.blocks)[..self.len]
+        &mut self.bytes[self.offset..self.offset + self.len]
+    }
+}
+
+impl Clone for Buffer {
+    /// A copy realigned in its own allocation (a plain `Vec` clone could land off the boundary).
+    fn clone(&self) -> Buffer {
+        Buffer::from_bytes(self.as_bytes())
     }
 }
 

@@ -31,8 +31,7 @@ impl ClusterSpec {
     /// same syntax serves as a file format. A task may be given as `index@addr` (sparse jobs).
     pub fn parse(s: &str) -> Result<ClusterSpec> {
         let mut spec = ClusterSpec::new();
-        let body: String =
-            s.lines().map(|l| l.split('#').next().unwrap_or("")).collect::<Vec<_>>().join(";");
+        let body: String = s.lines().map(|l| l.split('#').next().unwrap_or("")).collect::<Vec<_>>().join(";");
         for part in body.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (job, tasks) = part.split_once('=').ok_or_else(|| {
                 Error::invalid_argument(format!("cluster spec entry '{part}' is not job=host:port,..."))
@@ -77,8 +76,9 @@ impl ClusterSpec {
 
     /// Reads a cluster spec file (the flag syntax, one job per line allowed).
     pub fn from_file(path: &std::path::Path) -> Result<ClusterSpec> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::new(Error::from(e).code, format!("cluster file {}: cannot read", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::new(Error::from(e).code, format!("cluster file {}: cannot read", path.display()))
+        })?;
         ClusterSpec::parse(&text).map_err(|e| e.context(format!("cluster file {}", path.display())))
     }
 
@@ -92,7 +92,10 @@ impl ClusterSpec {
                 return Err(Error::invalid_argument(format!("bad address '{a}'")));
             }
         }
-        self.jobs.insert(job.to_string(), addrs.iter().enumerate().map(|(i, a)| (i as u32, a.to_string())).collect());
+        self.jobs.insert(
+            job.to_string(),
+            addrs.iter().enumerate().map(|(i, a)| (i as u32, a.to_string())).collect(),
+        );
         Ok(())
     }
 
@@ -210,7 +213,11 @@ mod tests {
         }
         let bad = ["", "ps", "ps=", "ps=h1", "ps=h1:x", "ps=a:1;ps=b:2", "p s=a:1", "w=0@a:1,0@b:2"];
         for input in bad {
-            assert_eq!(ClusterSpec::parse(input).unwrap_err().code, rill_graph::Code::InvalidArgument, "{input}");
+            assert_eq!(
+                ClusterSpec::parse(input).unwrap_err().code,
+                rill_graph::Code::InvalidArgument,
+                "{input}"
+            );
         }
     }
 

@@ -1,2 +1,24 @@
 //! rill's cluster runtime: cluster specs, servers hosting a master and a worker, remote sessions,
 //! and the TCP transport (one mio event loop, postcard-framed control messages, raw tensor bodies).
+//!
+//! The wire layer is built in two parts: an I/O-free protocol ([`wire`]: frames; [`handshake`]:
+//! hello and shared-secret proof) that turns bytes into events, and the connection layer
+//! ([`Transport`]) that moves those bytes over TCP on one mio event-loop thread.
+
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+mod conn;
+mod event_loop;
+pub mod handshake;
+pub mod wire;
+
+pub use cluster::{ClusterSpec, ServerDef};
+pub use conn::{CallDone, Response};
+pub use event_loop::{
+    CallOptions, Handler, Limits, PeerHandle, Request, Responder, Transport, TransportOptions,
+    CALLS_IN_FLIGHT_MAX, CONNECTIONS_MAX, HANDLER_QUEUE_LEN_MAX, HANDLER_THREADS, HANDSHAKE_TIMEOUT_MS,
+    REQUEST_BODY_SIZE_MAX, WRITE_QUEUE_SIZE_MAX,
+};
+pub use handshake::{cluster_fingerprint, Identity, PeerInfo};
+pub use wire::{BodySource, FrameLimits, FRAME_BODY_SIZE_MAX, FRAME_META_SIZE_MAX};

@@ -2,6 +2,9 @@
 //!
 //! - `cargo xtask ci`: format check, clippy with warnings denied, and the whole test suite.
 //! - `cargo xtask demo`: the README's main job.
+//! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
+
+mod bench;
 
 use std::process::{Command, ExitCode};
 
@@ -17,7 +20,7 @@ fn workspace_root() -> std::path::PathBuf {
 }
 
 /// Runs a command, echoing it; `Err` names the step that failed.
-fn step(name: &str, mut c: Command) -> Result<(), String> {
+pub(crate) fn step(name: &str, mut c: Command) -> Result<(), String> {
     eprintln!("== {name}: {c:?}");
     let status = c.status().map_err(|e| format!("{name}: cannot start: {e}"))?;
     if status.success() {
@@ -46,7 +49,7 @@ fn demo(args: &[String]) -> Result<(), String> {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: cargo xtask <ci|demo>");
+    eprintln!("usage: cargo xtask <ci|demo|bench>");
     ExitCode::from(2)
 }
 
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let r = match cmd.as_str() {
         "ci" => ci(),
         "demo" => demo(&args[1..]),
+        "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
         _ => return usage(),
     };
     match r {

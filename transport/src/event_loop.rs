@@ -1,0 +1,991 @@
+//! The transport: one mio event-loop thread per `Transport` owns the listener and every connection;
+//! other threads hand it work through a bounded channel and a `Waker`. Requests are answered by a
+//! handler that runs on a small pool of threads, never on the loop.
+//!
+//! The loop reads each socket until `WouldBlock`, reading large bodies straight into their
+//! destination buffers; it keeps write interest only while a connection's write queue is non-empty;
+//! deadlines (calls, handshakes) sit in a timer heap that bounds each `poll`.
+
+use crate::conn::{CallDone, Conn, ConnectDone, PendingCall, Phase, Response};
+use crate::handshake::{random_nonce, Handshake, Identity, PeerInfo};
+use crate::wire::{
+    from_meta, to_meta, BodyDest, BodySource, Decoded, Frame, FrameKind, FrameLimits, OutFrame, WireError,
+};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use rill_graph::{Buffer, Code, Error, Result};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default bound on open connections (accepted and dialled): each holds a socket and its queues.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Default bound on bytes queued for writing to one peer: a few large tensors in flight; the first
+/// frame on an empty queue is always admitted, so one tensor may be larger.
+pub const WRITE_QUEUE_SIZE_MAX: u64 = 1 << 30;
+/// Default bound on a request body, in bytes: request bodies are allocated as they arrive, so this
+/// caps what a peer may make us hold per request.
+pub const REQUEST_BODY_SIZE_MAX: u64 = 4 << 30;
+/// Default bound on calls awaiting an answer on one connection.
+pub const CALLS_IN_FLIGHT_MAX: usize = 65536;
+/// Default time a new connection has to finish its handshake.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default handler threads: handlers are expected to hand long waits to callbacks, not to block.
+pub const HANDLER_THREADS: usize = 4;
+/// Default bound on requests waiting for a handler thread; past it requests get `Unavailable`.
+pub const HANDLER_QUEUE_LEN_MAX: usize = 4096;
+/// Bound on work queued for the event loop by other threads.
+const COMMAND_QUEUE_LEN_MAX: usize = 65536;
+/// How long a thread waits for room in a full command queue before giving up.
+const COMMAND_SUBMIT_TIMEOUT_MS: u64 = 1_000;
+/// Extra wait past a call's deadline before the caller stops trusting the loop's timer.
+const DEADLINE_GRACE_MS: u64 = 1_000;
+/// Size of the loop's one read buffer for headers, meta and small bodies.
+const READ_BUFFER_SIZE: usize = 256 << 10;
+/// Bytes read from one socket per readiness event before serving others (then it is revisited).
+const READ_BUDGET_SIZE: usize = 64 << 20;
+/// Readiness events taken per poll.
+const EVENTS_LEN_MAX: usize = 1024;
+/// Timer heap size past which entries for finished calls are pruned.
+const TIMERS_LEN_PRUNE: usize = 65536;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+
+/// Bounds on everything a peer or a caller can make the transport hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub connections_max: usize,
+    pub frame: FrameLimits,
+    pub request_body_size_max: u64,
+    pub write_queue_size_max: u64,
+    pub calls_in_flight_max: usize,
+    pub handshake_timeout_ms: u64,
+    pub handler_threads: usize,
+    pub handler_queue_len_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_max: CONNECTIONS_MAX,
+            frame: FrameLimits::default(),
+            request_body_size_max: REQUEST_BODY_SIZE_MAX,
+            write_queue_size_max: WRITE_QUEUE_SIZE_MAX,
+            calls_in_flight_max: CALLS_IN_FLIGHT_MAX,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+            handler_threads: HANDLER_THREADS,
+            handler_queue_len_max: HANDLER_QUEUE_LEN_MAX,
+        }
+    }
+}
+
+/// Answers requests. It runs on a handler thread and should return soon, answering later through
+/// the `Responder` (which may move to any thread) when the answer has to wait.
+pub type Handler = Arc<dyn Fn(Request, Responder) + Send + Sync>;
+
+/// How to start a transport.
+#[derive(Clone)]
+pub struct TransportOptions {
+    /// Address to listen on (the one in the cluster spec, not every interface); `None`: dial only.
+    pub bind: Option<SocketAddr>,
+    /// Shared secret; with one, peers must prove they know it.
+    pub secret: Option<Vec<u8>>,
+    pub cluster_id: u64,
+    pub job: String,
+    pub task: u32,
+    pub incarnation: u64,
+    pub handler: Option<Handler>,
+    pub limits: Limits,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            bind: None,
+            secret: None,
+            cluster_id: 0,
+            job: "localhost".into(),
+            task: 0,
+            incarnation: rill_graph::random_u64(),
+            handler: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A request from a peer, handed to the `Handler`.
+#[derive(Debug)]
+pub struct Request {
+    pub call_id: u64,
+    pub peer: PeerInfo,
+    pub peer_addr: SocketAddr,
+    pub meta: Vec<u8>,
+    pub body: Option<Buffer>,
+}
+
+/// Per-call options: a deadline, always, and what response body the caller accepts.
+#[derive(Debug)]
+pub struct CallOptions {
+    pub deadline: Instant,
+    /// Largest response body accepted, in bytes; larger ones fail the call (`ResourceExhausted`).
+    pub response_body_size_max: u64,
+    /// Where the response body goes when its size matches (the receiver names the buffer).
+    pub response_buffer: Option<Buffer>,
+}
+
+impl CallOptions {
+    /// A call that must finish within `timeout` and expects no body.
+    pub fn timeout(timeout: Duration) -> CallOptions {
+        CallOptions { deadline: Instant::now() + timeout, response_body_size_max: 0, response_buffer: None }
+    }
+
+    /// Accepts a response body of up to `size_max` bytes.
+    pub fn body_size_max(mut self, size_max: u64) -> CallOptions {
+        self.response_body_size_max = size_max;
+        self
+    }
+
+    /// Receives the response body into `buf` when its size matches.
+    pub fn response_buffer(mut self, buf: Buffer) -> CallOptions {
+        self.response_body_size_max = self.response_body_size_max.max(buf.len() as u64);
+        self.response_buffer = Some(buf);
+        self
+    }
+}
+
+enum Command {
+    Register { stream: std::net::TcpStream, addr: SocketAddr, deadline: Instant, done: ConnectDone },
+    Call { token: Token, peer: String, call_id: u64, frame: OutFrame, pending: PendingCall },
+    Send { token: Token, call_id: u64, frame: OutFrame, kind: FrameKind },
+    Close { token: Token },
+}
+
+struct Shared {
+    commands: SyncSender<Command>,
+    waker: Waker,
+    limits: Limits,
+    next_call_id: AtomicU64,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Hands a command to the loop, waiting a bounded time for room in the queue.
+    fn submit(&self, mut cmd: Command) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(COMMAND_SUBMIT_TIMEOUT_MS);
+        loop {
+            match self.commands.try_send(cmd) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(Error::unavailable("the transport is shut down"))
+                }
+                Err(TrySendError::Full(c)) if Instant::now() < deadline => {
+                    cmd = c;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(Error::unavailable(format!(
+                        "the transport's command queue stayed full for {COMMAND_SUBMIT_TIMEOUT_MS} ms"
+                    )))
+                }
+            }
+        }
+        self.waker.wake().map_err(|e| Error::internal(format!("waking the event loop: {e}")))
+    }
+}
+
+/// A running transport: the event-loop thread and its handler pool. Dropping it shuts both down.
+pub struct Transport {
+    shared: Arc<Shared>,
+    local_addr: Option<SocketAddr>,
+    thread: Option<JoinHandle<()>>,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Transport({:?}, /job:{}/task:{})", self.local_addr, self.identity.job, self.identity.task)
+    }
+}
+
+impl Transport {
+    /// Binds (when asked), starts the loop and the handler threads.
+    pub fn start(opts: TransportOptions) -> Result<Transport> {
+        let limits = opts.limits;
+        let poll = Poll::new().map_err(|e| Error::internal(format!("creating a mio poll: {e}")))?;
+        let waker = Waker::new(poll.registry(), WAKER)
+            .map_err(|e| Error::internal(format!("creating a mio waker: {e}")))?;
+        let mut listener = match opts.bind {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("binding {addr}")))?)
+            }
+            None => None,
+        };
+        let local_addr = match &listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        if let Some(l) = &mut listener {
+            poll.registry()
+                .register(l, LISTENER, Interest::READABLE)
+                .map_err(|e| Error::internal(format!("registering the listener: {e}")))?;
+        }
+        let (commands, command_rx) = mpsc::sync_channel(COMMAND_QUEUE_LEN_MAX);
+        let shared = Arc::new(Shared {
+            commands,
+            waker,
+            limits,
+            next_call_id: AtomicU64::new(1),
+            shutdown: AtomicBool::new(false),
+        });
+        let identity = Identity {
+            cluster_id: opts.cluster_id,
+            job: opts.job.clone(),
+            task: opts.task,
+            incarnation: opts.incarnation,
+        };
+        let jobs = match opts.handler {
+            Some(handler) => Some(start_handlers(handler, &limits)?),
+            None => None,
+        };
+        let mut lp = Loop {
+            poll,
+            listener,
+            conns: HashMap::new(),
+            next_token: FIRST_CONN,
+            commands: command_rx,
+            shared: shared.clone(),
+            identity: identity.clone(),
+            secret: opts.secret.map(Arc::new),
+            jobs,
+            timers: BinaryHeap::new(),
+            read_buf: vec![0; READ_BUFFER_SIZE].into_boxed_slice(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("rill-transport-{}-{}", opts.job, opts.task))
+            .spawn(move || lp.run())
+            .map_err(|e| Error::internal(format!("spawning the event-loop thread: {e}")))?;
+        Ok(Transport { shared, local_addr, thread: Some(thread), identity })
+    }
+
+    /// The address the listener is bound to (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Dials `addr` and runs the handshake, all before `deadline`.
+    pub fn connect(&self, addr: SocketAddr, deadline: Instant) -> Result<PeerHandle> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(Error::deadline_exceeded(format!("connecting to {addr}: deadline already passed")));
+        }
+        let stream = std::net::TcpStream::connect_timeout(&addr, remaining)
+            .map_err(|e| Error::from(e).context(format!("connecting to {addr}")))
+            .map_err(|e| if e.code == Code::Unknown { Error::unavailable(e.msg) } else { e })?;
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let done: ConnectDone = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.shared.submit(Command::Register { stream, addr, deadline, done })?;
+        let wait =
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(DEADLINE_GRACE_MS);
+        let (token, info) = match rx.recv_timeout(wait) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::deadline_exceeded(format!("handshake with {addr} did not finish in time")))
+            }
+        };
+        Ok(PeerHandle { shared: self.shared.clone(), token, addr, info })
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        if let Some(t) = self.thread.take() {
+            // The loop sees the flag at its next wake-up and exits after closing its sockets.
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection to one peer; cheap to clone. Calls on a closed connection fail with `Unavailable`.
+#[derive(Clone)]
+pub struct PeerHandle {
+    shared: Arc<Shared>,
+    token: Token,
+    addr: SocketAddr,
+    info: PeerInfo,
+}
+
+impl std::fmt::Debug for PeerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerHandle({} {})", self.addr, self.info.name())
+    }
+}
+
+impl PeerHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+
+    fn name(&self) -> String {
+        format!("{} ({})", self.addr, self.info.name())
+    }
+
+    /// Sends a request and calls `done` with the answer, an error from the peer, `DeadlineExceeded`
+    /// at the deadline, or `Unavailable` when the connection drops. `done` runs on the event-loop
+    /// thread and must not block.
+    pub fn call_async(
+        &self,
+        meta: &[u8],
+        body: Option<BodySource>,
+        opts: CallOptions,
+        done: CallDone,
+    ) -> Result<()> {
+        let call_id = self.shared.next_call_id.fetch_add(1, Ordering::Relaxed);
+        let frame = OutFrame::new(FrameKind::Request, call_id, meta, body, &self.shared.limits.frame)
+            .map_err(|e| e.context(format!("call to {}", self.name())))?;
+        let pending = PendingCall {
+            done,
+            deadline: opts.deadline,
+            response_body_size_max: opts.response_body_size_max,
+            response_buffer: opts.response_buffer,
+            refused: None,
+        };
+        self.shared.submit(Command::Call { token: self.token, peer: self.name(), call_id, frame, pending })
+    }
+
+    /// Sends a request and waits for its answer until `opts.deadline`.
+    pub fn call(&self, meta: &[u8], body: Option<BodySource>, opts: CallOptions) -> Result<Response> {
+        let deadline = opts.deadline;
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.call_async(
+            meta,
+            body,
+            opts,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        // The loop's timer answers at the deadline; the grace only guards against a stuck loop.
+        let wait =
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(DEADLINE_GRACE_MS);
+        rx.recv_timeout(wait).unwrap_or_else(|_| {
+            Err(Error::deadline_exceeded(format!(
+                "call to {} got no answer from the event loop",
+                self.name()
+            )))
+        })
+    }
+
+    /// Closes the connection; calls in flight fail with `Unavailable`.
+    pub fn close(&self) -> Result<()> {
+        self.shared.submit(Command::Close { token: self.token })
+    }
+}
+
+/// Answers one request, from any thread. Dropping it unanswered answers `Internal`.
+pub struct Responder {
+    shared: Arc<Shared>,
+    token: Token,
+    call_id: u64,
+    answered: bool,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Responder(call {})", self.call_id)
+    }
+}
+
+impl Responder {
+    pub fn call_id(&self) -> u64 {
+        self.call_id
+    }
+
+    /// Answers with `meta` and an optional body (written from its buffer without a copy).
+    pub fn respond(mut self, meta: &[u8], body: Option<BodySource>) -> Result<()> {
+        let frame =
+            match OutFrame::new(FrameKind::Response, self.call_id, meta, body, &self.shared.limits.frame) {
+                Ok(f) => f,
+                Err(e) => {
+                    let err = e.context("response");
+                    self.send_error(&err)?;
+                    return Err(err);
+                }
+            };
+        self.answered = true;
+        self.shared.submit(Command::Send {
+            token: self.token,
+            call_id: self.call_id,
+            frame,
+            kind: FrameKind::Response,
+        })
+    }
+
+    /// Answers with an error; its code keeps its meaning on the caller's side.
+    pub fn fail(mut self, err: &Error) -> Result<()> {
+        self.send_error(err)
+    }
+
+    fn send_error(&mut self, err: &Error) -> Result<()> {
+        self.answered = true;
+        let meta = to_meta(&WireError::from(err))?;
+        let frame = OutFrame::new(FrameKind::Error, self.call_id, &meta, None, &self.shared.limits.frame)?;
+        self.shared.submit(Command::Send {
+            token: self.token,
+            call_id: self.call_id,
+            frame,
+            kind: FrameKind::Error,
+        })
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self
+                .send_error(&Error::internal("the request handler dropped the request without answering"));
+        }
+    }
+}
+
+fn start_handlers(handler: Handler, limits: &Limits) -> Result<(SyncSender<(Request, Responder)>, Handler)> {
+    let (tx, rx) = mpsc::sync_channel::<(Request, Responder)>(limits.handler_queue_len_max);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..limits.handler_threads.max(1) {
+        let (rx, handler) = (rx.clone(), handler.clone());
+        std::thread::Builder::new()
+            .name(format!("rill-handler-{i}"))
+            .spawn(move || handler_thread(rx, handler))
+            .map_err(|e| Error::internal(format!("spawning a handler thread: {e}")))?;
+    }
+    Ok((tx, handler))
+}
+
+/// Runs requests until the loop drops the sender; a panicking handler answers `Internal` (its
+/// `Responder` is dropped while unwinding) and the thread lives on.
+fn handler_thread(rx: Arc<Mutex<Receiver<(Request, Responder)>>>, handler: Handler) {
+    loop {
+        let next = match rx.lock() {
+            Ok(guard) => guard.recv(),
+            Err(_) => return,
+        };
+        let Ok((req, responder)) = next else { return };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(req, responder))).is_err() {
+            eprintln!("rill-transport: a request handler panicked; the call was answered with Internal");
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Call { token: usize, call_id: u64 },
+    Handshake { token: usize },
+}
+
+struct Loop {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    /// The connection slab: tokens are never reused, so a stale token finds nothing.
+    conns: HashMap<Token, Conn>,
+    next_token: usize,
+    commands: Receiver<Command>,
+    shared: Arc<Shared>,
+    identity: Identity,
+    secret: Option<Arc<Vec<u8>>>,
+    jobs: Option<(SyncSender<(Request, Responder)>, Handler)>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    read_buf: Box<[u8]>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(EVENTS_LEN_MAX);
+        // Connections that hit their read budget and must be read again without a new event.
+        let mut again: Vec<Token> = Vec::new();
+        while !self.shared.shutdown.load(Ordering::Acquire) {
+            let timeout = if again.is_empty() {
+                self.timers.peek().map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                eprintln!("rill-transport: poll failed, the event loop stops: {e}");
+                break;
+            }
+            let mut ready: Vec<(Token, bool)> = events
+                .iter()
+                .map(|e| (e.token(), e.is_readable() || e.is_read_closed() || e.is_error()))
+                .collect();
+            ready.extend(again.drain(..).map(|t| (t, true)));
+            for (token, readable) in ready {
+                match token {
+                    LISTENER => self.accept(),
+                    WAKER => self.drain_commands(),
+                    t => {
+                        if self.conn_io(t, readable) {
+                            again.push(t);
+                        }
+                    }
+                }
+            }
+            // Commands may arrive between a wake and its event; a cheap check keeps latency low.
+            self.drain_commands();
+            self.fire_timers();
+        }
+        let tokens: Vec<Token> = self.conns.keys().copied().collect();
+        for t in tokens {
+            self.close(t, Error::unavailable("the transport is shutting down"));
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            let (mut stream, addr) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("rill-transport: accept failed: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= self.shared.limits.connections_max {
+                eprintln!(
+                    "rill-transport: refusing {addr}: {} connections open (connections_max)",
+                    self.conns.len()
+                );
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let token = self.next_token();
+            if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
+                eprintln!("rill-transport: registering {addr}: {e}");
+                continue;
+            }
+            let nonce = match random_nonce() {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("rill-transport: refusing {addr}: {e}");
+                    continue;
+                }
+            };
+            let hs = Handshake::server(self.identity.clone(), self.secret.clone(), nonce);
+            let conn =
+                Conn::new(stream, addr, Phase::Handshaking { hs, done: None }, self.shared.limits.frame);
+            self.conns.insert(token, conn);
+            let at = Instant::now() + Duration::from_millis(self.shared.limits.handshake_timeout_ms);
+            self.timers.push(Reverse((at, Timer::Handshake { token: token.0 })));
+        }
+    }
+
+    fn next_token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn drain_commands(&mut self) {
+        // Bounded by the channel's capacity: at most one queue's worth per turn.
+        for _ in 0..COMMAND_QUEUE_LEN_MAX {
+            let Ok(cmd) = self.commands.try_recv() else { return };
+            self.command(cmd);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Register { stream, addr, deadline, done } => self.register(stream, addr, deadline, done),
+            Command::Call { token, peer, call_id, frame, pending } => {
+                let Some(mut conn) = self.conns.remove(&token) else {
+                    (pending.done)(Err(Error::unavailable(format!("the connection to {peer} is closed"))));
+                    return;
+                };
+                let name = conn.name();
+                if conn.pending.len() >= self.shared.limits.calls_in_flight_max {
+                    (pending.done)(Err(Error::resource_exhausted(format!(
+                        "{} calls already wait for {name} (calls_in_flight_max)",
+                        conn.pending.len()
+                    ))));
+                } else if let Err(e) =
+                    conn.enqueue(frame, FrameKind::Request, self.shared.limits.write_queue_size_max)
+                {
+                    (pending.done)(Err(e));
+                } else {
+                    self.timers.push(Reverse((pending.deadline, Timer::Call { token: token.0, call_id })));
+                    conn.pending.insert(call_id, pending);
+                }
+                self.finish_io(token, conn);
+            }
+            Command::Send { token, call_id, frame, kind } => {
+                let Some(mut conn) = self.conns.remove(&token) else { return };
+                if let Err(e) = conn.enqueue(frame, kind, self.shared.limits.write_queue_size_max) {
+                    // The answer does not fit: tell the caller why instead of leaving it to time out.
+                    let _ = to_meta(&WireError::from(&e))
+                        .and_then(|m| conn.enqueue_control(FrameKind::Error, call_id, &m));
+                }
+                self.finish_io(token, conn);
+            }
+            Command::Close { token } => self.close(token, Error::unavailable("closed by this process")),
+        }
+    }
+
+    fn register(
+        &mut self,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        deadline: Instant,
+        done: ConnectDone,
+    ) {
+        if self.conns.len() >= self.shared.limits.connections_max {
+            done(Err(Error::resource_exhausted(format!(
+                "connecting to {addr}: {} connections open (connections_max)",
+                self.conns.len()
+            ))));
+            return;
+        }
+        let mut stream = TcpStream::from_std(stream);
+        let token = self.next_token();
+        let opened = random_nonce()
+            .and_then(|nonce| Handshake::client(self.identity.clone(), self.secret.clone(), nonce))
+            .and_then(|(hs, (kind, meta))| {
+                self.poll
+                    .registry()
+                    .register(&mut stream, token, Interest::READABLE)
+                    .map_err(|e| Error::internal(format!("registering the connection to {addr}: {e}")))?;
+                Ok((hs, kind, meta))
+            });
+        let (hs, kind, meta) = match opened {
+            Ok(x) => x,
+            Err(e) => return done(Err(e)),
+        };
+        let mut conn =
+            Conn::new(stream, addr, Phase::Handshaking { hs, done: Some(done) }, self.shared.limits.frame);
+        if let Err(e) = conn.enqueue_control(kind, 0, &meta) {
+            if let Phase::Handshaking { done: Some(done), .. } = conn.phase {
+                done(Err(e));
+            }
+            return;
+        }
+        let hs_deadline =
+            deadline.min(Instant::now() + Duration::from_millis(self.shared.limits.handshake_timeout_ms));
+        self.timers.push(Reverse((hs_deadline, Timer::Handshake { token: token.0 })));
+        self.finish_io(token, conn);
+    }
+
+    /// Reads and writes one connection; returns whether it stopped on its read budget.
+    /// Writes are attempted whenever the queue is non-empty, so writability needs no branch here.
+    fn conn_io(&mut self, token: Token, readable: bool) -> bool {
+        let Some(mut conn) = self.conns.remove(&token) else { return false };
+        let mut more = false;
+        if readable {
+            match self.read(token, &mut conn) {
+                Ok(m) => more = m,
+                Err(e) => {
+                    self.drop_conn(conn, e);
+                    return false;
+                }
+            }
+        }
+        self.finish_io(token, conn);
+        more && self.conns.contains_key(&token)
+    }
+
+    /// Flushes, then keeps the connection (with write interest only if bytes remain) or closes it.
+    fn finish_io(&mut self, token: Token, mut conn: Conn) {
+        if let Err(e) = conn.flush() {
+            self.drop_conn(conn, Error::unavailable(format!("writing: {e}")));
+            return;
+        }
+        conn.invariants();
+        if let Some(reason) = &conn.closing {
+            if conn.queue_is_empty() {
+                let reason = reason.clone();
+                self.drop_conn(conn, reason);
+                return;
+            }
+        }
+        let want_write = !conn.queue_is_empty();
+        if want_write != conn.write_interest {
+            let interest =
+                if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, token, interest) {
+                self.drop_conn(conn, Error::internal(format!("reregistering: {e}")));
+                return;
+            }
+            conn.write_interest = want_write;
+        }
+        self.conns.insert(token, conn);
+    }
+
+    /// Reads until `WouldBlock` (or the read budget); bodies with a fixed destination are read
+    /// straight into it.
+    fn read(&mut self, token: Token, conn: &mut Conn) -> Result<bool> {
+        let mut budget = READ_BUDGET_SIZE;
+        while budget > 0 && conn.closing.is_none() {
+            if let Some(spare) = conn.decoder.body_spare_mut() {
+                let n = match read_some(&mut conn.stream, spare, &conn.addr)? {
+                    Some(n) => n,
+                    None => return Ok(false),
+                };
+                budget = budget.saturating_sub(n);
+                if let Some(frame) = conn.decoder.advance_body(n) {
+                    self.on_frame(token, conn, frame)?;
+                }
+                continue;
+            }
+            let n = match read_some(&mut conn.stream, &mut self.read_buf, &conn.addr)? {
+                Some(n) => n,
+                None => return Ok(false),
+            };
+            budget = budget.saturating_sub(n);
+            let mut off = 0;
+            // Each turn consumes bytes or stops; a frame has at least its 32-byte header.
+            while off < n && conn.closing.is_none() {
+                let (used, decoded) = conn.decoder.feed(&self.read_buf[off..n])?;
+                off += used;
+                match decoded {
+                    Decoded::NeedMore => {}
+                    Decoded::BodyWanted => self.choose_body_dest(conn)?,
+                    Decoded::Frame(f) => self.on_frame(token, conn, f)?,
+                }
+            }
+        }
+        Ok(budget == 0)
+    }
+
+    /// Names where a declared body goes: a caller's buffer, a fresh buffer within the caller's
+    /// bound, a growing buffer for requests within `request_body_size_max`, or nowhere.
+    fn choose_body_dest(&mut self, conn: &mut Conn) -> Result<()> {
+        let header = *conn.decoder.pending_header().expect("a body is wanted");
+        let dest = match header.kind {
+            FrameKind::Request if !conn.is_open() => {
+                return Err(Error::invalid_argument("a request arrived before the handshake finished"))
+            }
+            FrameKind::Request if header.body_len > self.shared.limits.request_body_size_max => {
+                conn.refused_request = Some(Error::resource_exhausted(format!(
+                    "request body of {} bytes exceeds request_body_size_max ({} bytes)",
+                    header.body_len, self.shared.limits.request_body_size_max
+                )));
+                BodyDest::Discard
+            }
+            FrameKind::Request => BodyDest::Grow,
+            FrameKind::Response => match conn.pending.get_mut(&header.call_id) {
+                None => BodyDest::Discard,
+                Some(p) => match p.response_buffer.take() {
+                    Some(buf) if buf.len() as u64 == header.body_len => BodyDest::Buffer(buf),
+                    _ if header.body_len <= p.response_body_size_max => {
+                        BodyDest::Buffer(Buffer::zeroed(header.body_len as usize))
+                    }
+                    _ => {
+                        p.refused = Some(Error::resource_exhausted(format!(
+                            "response body of {} bytes exceeds the caller's bound of {} bytes",
+                            header.body_len, p.response_body_size_max
+                        )));
+                        BodyDest::Discard
+                    }
+                },
+            },
+            kind => return Err(Error::invalid_argument(format!("a {kind:?} frame with a body"))),
+        };
+        conn.decoder.set_body_dest(dest)
+    }
+
+    fn on_frame(&mut self, token: Token, conn: &mut Conn, frame: Frame) -> Result<()> {
+        let Frame { header, meta, body } = frame;
+        match (header.kind, &mut conn.phase) {
+            (FrameKind::Error | FrameKind::Close, _) if header.call_id == 0 => {
+                let e: Error = from_meta::<WireError>(&meta, "Error")?.into();
+                let code = if header.kind == FrameKind::Close { Code::Unavailable } else { e.code };
+                Err(Error::new(code, format!("{} closed the connection: {}", conn.name(), e.msg)))
+            }
+            (kind, Phase::Handshaking { .. }) => on_handshake_frame(token, conn, kind, &meta),
+            (FrameKind::Request, Phase::Open(peer)) => {
+                let call_id = header.call_id;
+                if let Some(e) = conn.refused_request.take() {
+                    return answer_error(conn, call_id, &e);
+                }
+                let Some((jobs, _)) = &self.jobs else {
+                    return answer_error(
+                        conn,
+                        call_id,
+                        &Error::unimplemented("this process serves no requests"),
+                    );
+                };
+                let req = Request { call_id, peer: peer.clone(), peer_addr: conn.addr, meta, body };
+                let responder = Responder { shared: self.shared.clone(), token, call_id, answered: false };
+                match jobs.try_send((req, responder)) {
+                    Ok(()) => Ok(()),
+                    Err(TrySendError::Full((_, mut r))) | Err(TrySendError::Disconnected((_, mut r))) => {
+                        // Answered here, not through the queue: we are the loop.
+                        r.answered = true;
+                        answer_error(
+                            conn,
+                            call_id,
+                            &Error::unavailable("the server is busy: its handler queue is full"),
+                        )
+                    }
+                }
+            }
+            (FrameKind::Response | FrameKind::Error, Phase::Open(_)) => {
+                let Some(p) = conn.pending.remove(&header.call_id) else { return Ok(()) };
+                let result = if let Some(e) = p.refused {
+                    Err(e)
+                } else if header.kind == FrameKind::Error {
+                    Err(from_meta::<WireError>(&meta, "Error")?.into())
+                } else {
+                    Ok(Response { meta, body })
+                };
+                (p.done)(result);
+                Ok(())
+            }
+            (FrameKind::Ping, Phase::Open(_)) => conn.enqueue_control(FrameKind::Pong, header.call_id, &[]),
+            (FrameKind::Pong, Phase::Open(_)) => Ok(()),
+            (kind, Phase::Open(_)) => Err(Error::invalid_argument(format!("unexpected {kind:?} frame"))),
+        }
+    }
+
+    fn close(&mut self, token: Token, reason: Error) {
+        if let Some(mut conn) = self.conns.remove(&token) {
+            if conn.is_open() {
+                // Best effort: a peer that reads it learns why its calls fail.
+                if to_meta(&WireError::from(&reason))
+                    .and_then(|m| conn.enqueue_control(FrameKind::Close, 0, &m))
+                    .is_ok()
+                {
+                    let _ = conn.flush();
+                }
+            }
+            self.drop_conn(conn, reason);
+        }
+    }
+
+    /// Deregisters and drops a connection, failing everything that waited on it.
+    fn drop_conn(&mut self, mut conn: Conn, reason: Error) {
+        let name = conn.name();
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        // Orderly closes and vanished peers are `Unavailable`; everything else is worth a line.
+        if reason.code != Code::Unavailable {
+            eprintln!("rill-transport: closing the connection to {name}: {reason}");
+        }
+        if let Phase::Handshaking { done: Some(done), .. } = conn.phase {
+            done(Err(Error::new(reason.code, format!("handshake with {name}: {}", reason.msg))));
+        }
+        for (_, p) in conn.pending.drain() {
+            (p.done)(Err(Error::unavailable(format!("the connection to {name} closed: {reason}"))));
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Call { token, call_id } => {
+                    let Some(conn) = self.conns.get_mut(&Token(token)) else { continue };
+                    if conn.pending.get(&call_id).is_some_and(|p| p.deadline <= now) {
+                        let p = conn.pending.remove(&call_id).expect("checked above");
+                        (p.done)(Err(Error::deadline_exceeded(format!(
+                            "call {call_id} to {} passed its deadline without an answer",
+                            conn.name()
+                        ))));
+                    }
+                }
+                Timer::Handshake { token } => {
+                    if self.conns.get(&Token(token)).is_some_and(|c| !c.is_open()) {
+                        let conn = self.conns.remove(&Token(token)).expect("checked above");
+                        let e = Error::deadline_exceeded(format!(
+                            "the handshake with {} did not finish in time",
+                            conn.addr
+                        ));
+                        self.drop_conn(conn, e);
+                    }
+                }
+            }
+        }
+        if self.timers.len() > TIMERS_LEN_PRUNE {
+            let conns = &self.conns;
+            self.timers.retain(|Reverse((_, t))| match *t {
+                Timer::Call { token, call_id } => {
+                    conns.get(&Token(token)).is_some_and(|c| c.pending.contains_key(&call_id))
+                }
+                Timer::Handshake { token } => conns.get(&Token(token)).is_some_and(|c| !c.is_open()),
+            });
+        }
+    }
+}
+
+fn on_handshake_frame(token: Token, conn: &mut Conn, kind: FrameKind, meta: &[u8]) -> Result<()> {
+    let Phase::Handshaking { hs, .. } = &mut conn.phase else { unreachable!("called while handshaking") };
+    match hs.on_frame(kind, meta) {
+        Ok(step) => {
+            if let Some((kind, meta)) = step.send {
+                conn.enqueue_control(kind, 0, &meta)?;
+            }
+            if let Some(peer) = step.done {
+                if let Phase::Handshaking { done: Some(done), .. } =
+                    std::mem::replace(&mut conn.phase, Phase::Open(peer.clone()))
+                {
+                    done(Ok((token, peer)));
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Tell the peer why, then close once that is written.
+            let _ = to_meta(&WireError::from(&e)).and_then(|m| conn.enqueue_control(FrameKind::Error, 0, &m));
+            if let Phase::Handshaking { done, .. } = &mut conn.phase {
+                if let Some(done) = done.take() {
+                    done(Err(e.clone()));
+                }
+            }
+            eprintln!("rill-transport: refusing {}: {e}", conn.addr);
+            conn.closing = Some(e);
+            Ok(())
+        }
+    }
+}
+
+fn answer_error(conn: &mut Conn, call_id: u64, e: &Error) -> Result<()> {
+    conn.enqueue_control(FrameKind::Error, call_id, &to_meta(&WireError::from(e))?)
+}
+
+/// One read: `Some(n)` bytes, `None` at `WouldBlock`, an error at end of stream or failure.
+fn read_some(stream: &mut TcpStream, buf: &mut [u8], addr: &SocketAddr) -> Result<Option<usize>> {
+    loop {
+        return match stream.read(buf) {
+            Ok(0) => Err(Error::unavailable(format!("{addr}: end of stream"))),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(Error::unavailable(format!("reading from {addr}: {e}"))),
+        };
+    }
+}

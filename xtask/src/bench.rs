@@ -1,0 +1,163 @@
+//! `cargo xtask bench [--peer [DIR]] [--only NAME]`: runs rill's benchmark programs, collects their
+//! `RESULT name = value unit` lines and, with `--peer`, runs the TensorFlow peer scripts of the
+//! same workloads in the same run and prints rill beside TensorFlow with the ratio.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One benchmark program and the peer script that measures the same workload.
+struct Program {
+    name: &'static str,
+    package: &'static str,
+    example: &'static str,
+    args: &'static [&'static str],
+    peer: Option<(&'static str, &'static [&'static str])>,
+}
+
+const PROGRAMS: &[Program] = &[
+    Program {
+        name: "executor",
+        package: "rill-tests",
+        example: "bench_executor",
+        args: &[],
+        peer: Some(("bench_executor.py", &["1000"])),
+    },
+    Program {
+        name: "dense",
+        package: "rill-tests",
+        example: "bench_dense",
+        args: &[],
+        peer: Some(("bench_dense.py", &["2"])),
+    },
+];
+
+/// rill result name → (peer result name, higher is better).
+const PAIRS: &[(&str, &str, bool)] = &[
+    ("a.chain1000_target_run[inter_op=2]", "a.chain1000_target_run[grappler=off,inter_op=2]", false),
+    ("a.chain1000_fetch_last_run[inter_op=2]", "a.chain1000_fetch_last_run[grappler=off,inter_op=2]", false),
+    ("b.wide1000_fetch_all_run[inter_op=2]", "b.wide1000_fetch_all_run[grappler=off,inter_op=2]", false),
+    (
+        "b.wide1000_group_target_run[inter_op=2]",
+        "b.wide1000_group_target_run[grappler=off,inter_op=2]",
+        false,
+    ),
+    ("c.noop_run[inter_op=2]", "c.noop_run[grappler=off,inter_op=2]", true),
+    ("c.tiny_add_fetch_run[inter_op=2]", "c.tiny_add_fetch_run[grappler=off,inter_op=2]", true),
+    ("matmul_f32_1024[intra=2]", "matmul_f32_1024[intra=2]", true),
+    ("matmul_f32_2048[intra=2]", "matmul_f32_2048[intra=2]", true),
+    ("add_f32_16M[intra=2]", "add_f32_16M[intra=2]", true),
+];
+
+/// Parses `RESULT name = value unit ...` lines (values may carry thousands separators).
+pub fn parse_results(text: &str) -> BTreeMap<String, (f64, String)> {
+    let mut out = BTreeMap::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix("RESULT ") else { continue };
+        let Some((name, rhs)) = rest.split_once(" = ") else { continue };
+        let mut it = rhs.split_whitespace();
+        let (Some(v), Some(unit)) = (it.next(), it.next()) else { continue };
+        if let Ok(v) = v.replace(',', "").parse::<f64>() {
+            out.insert(name.trim().to_string(), (v, unit.to_string()));
+        }
+    }
+    out
+}
+
+fn peer_python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("RILL_PEER_PY") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var("HOME").ok()?;
+    let p = Path::new(&home).join(".rill-peer/bin/python");
+    p.exists().then_some(p)
+}
+
+fn run_capture(mut c: Command, what: &str) -> Result<String, String> {
+    eprintln!("== {what}: {c:?}");
+    let out = c.output().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{text}");
+    if !out.status.success() {
+        return Err(format!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(text)
+}
+
+pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Result<(), String> {
+    let mut peer_dir: Option<PathBuf> = None;
+    let mut only: Option<String> = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--peer" => {
+                let default = root.join("../shared/bench/peer");
+                match args.get(i + 1).filter(|a| !a.starts_with("--")) {
+                    Some(d) => {
+                        peer_dir = Some(PathBuf::from(d));
+                        i += 1;
+                    }
+                    None => peer_dir = Some(default),
+                }
+            }
+            "--only" => {
+                only = args.get(i + 1).cloned();
+                i += 1;
+            }
+            a => return Err(format!("unknown bench option {a}")),
+        }
+        i += 1;
+    }
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "rill-tests", "--examples"]);
+    crate::step("build benchmarks", build)?;
+    let mut ours = BTreeMap::new();
+    let mut theirs = BTreeMap::new();
+    let py = peer_python();
+    for p in PROGRAMS.iter().filter(|p| only.as_deref().is_none_or(|o| o == p.name)) {
+        let mut c = cargo();
+        c.args(["run", "--quiet", "--release", "-p", p.package, "--example", p.example, "--"]).args(p.args);
+        ours.extend(parse_results(&run_capture(c, p.name)?));
+        if let (Some(dir), Some((script, sargs))) = (&peer_dir, p.peer) {
+            match &py {
+                Some(py) => {
+                    let mut c = Command::new(py);
+                    c.current_dir(dir).arg(script).args(sargs);
+                    // The peer scripts need the real OpenBLAS kernel selection, as their README says.
+                    c.env_remove("OPENBLAS_CORETYPE").env_remove("OPENBLAS_L2_SIZE");
+                    theirs.extend(parse_results(&run_capture(c, &format!("peer {script}"))?));
+                }
+                None => eprintln!(
+                    "skipping peer {script}: no Python with TensorFlow (set RILL_PEER_PY or create ~/.rill-peer, see {})",
+                    dir.join("README.md").display()
+                ),
+            }
+        }
+    }
+    if !theirs.is_empty() {
+        println!("\n{:<45} {:>14} {:>14} {:>10}  unit", "workload", "rill", "TensorFlow", "rill/TF");
+        for (ours_name, their_name, higher_better) in PAIRS {
+            if let (Some((a, unit)), Some((b, _))) = (ours.get(*ours_name), theirs.get(*their_name)) {
+                let ratio = a / b;
+                let note = if *higher_better { "higher is better" } else { "lower is better" };
+                println!("{ours_name:<45} {a:>14.3} {b:>14.3} {ratio:>10.3}  {unit} ({note})");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_results;
+
+    #[test]
+    fn parses_peer_and_rill_lines() {
+        let r = parse_results(
+            "# header\nRESULT c.noop_run[x] = 29,703 runs/s (33.7 us/run) [min 92%]\nRESULT m = 1.5 GB/s\nnoise\n",
+        );
+        assert_eq!(r["c.noop_run[x]"], (29703.0, "runs/s".to_string()));
+        assert_eq!(r["m"], (1.5, "GB/s".to_string()));
+        assert_eq!(r.len(), 2);
+    }
+}
