@@ -284,8 +284,14 @@ fn gpu_kernel_table() {
 
 #[test]
 fn kernels_match_cpu_reference_where_a_gpu_exists() {
-    let Ok(devs) = CudaDeviceFactory::new().create_devices(&SessionOptions::default(), &task()) else {
-        return; // No GPU here: the Unavailable path is covered above.
+    let devs = match CudaDeviceFactory::new().create_devices(&SessionOptions::default(), &task()) {
+        Ok(d) => d,
+        Err(e) => {
+            // No GPU here: the Unavailable path is covered above, unless a GPU is required.
+            let required = std::env::var("RILL_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            assert!(!required, "RILL_REQUIRE_GPU=1 but no GPU device: {e}");
+            return;
+        }
     };
     let dev = devs[0].as_any().downcast_ref::<CudaDevice>().expect("a CudaDevice");
     let failed: Vec<String> = selfcheck::run_all(dev)

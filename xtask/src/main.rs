@@ -3,6 +3,8 @@
 //! - `cargo xtask ci`: format check, clippy with warnings denied, and the whole test suite.
 //! - `cargo xtask demo`: the README's main job.
 //! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
+//! - `cargo xtask gpu-check`: the one script for a machine with a GPU ("no GPU" is a failure).
+//! - `cargo xtask ptx`: regenerates the committed PTX from `device-cuda/cuda/*.cu`.
 
 mod bench;
 
@@ -48,8 +50,34 @@ fn demo(args: &[String]) -> Result<(), String> {
     step("demo", run)
 }
 
+/// Builds, runs the GPU tests with "no GPU" turned into a failure, then the self-check program
+/// (every GPU kernel against the CPU, copy bandwidth), and prints a summary.
+fn gpu_check() -> Result<(), String> {
+    let mut test = cargo();
+    test.env("RILL_REQUIRE_GPU", "1").args(["test", "--release", "-p", "rill-device-cuda"]);
+    let tests = step("gpu tests", test);
+    let mut check = cargo();
+    check.env("RILL_REQUIRE_GPU", "1").args([
+        "run",
+        "--release",
+        "-p",
+        "rill-device-cuda",
+        "--example",
+        "gpu_check",
+    ]);
+    let checks = step("gpu self-check", check);
+    eprintln!("== gpu-check summary: tests {:?}, self-check {:?}", tests, checks);
+    tests.and(checks)
+}
+
+fn ptx() -> Result<(), String> {
+    let mut c = Command::new("bash");
+    c.current_dir(workspace_root()).arg("device-cuda/cuda/build_ptx.sh");
+    step("ptx", c)
+}
+
 fn usage() -> ExitCode {
-    eprintln!("usage: cargo xtask <ci|demo|bench>");
+    eprintln!("usage: cargo xtask <ci|demo|bench|gpu-check|ptx>");
     ExitCode::from(2)
 }
 
@@ -60,6 +88,8 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "demo" => demo(&args[1..]),
         "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
+        "gpu-check" => gpu_check(),
+        "ptx" => ptx(),
         _ => return usage(),
     };
     match r {
