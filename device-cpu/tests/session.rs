@@ -16,7 +16,8 @@ fn same_as_input(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![c.inputs[0].clone()])
 }
 
-static WAIT_FOREVER: OpDef = OpDef { name: "TestWaitForever", infer: out_f32, ref_inputs: &[], stateful: true };
+static WAIT_FOREVER: OpDef =
+    OpDef { name: "TestWaitForever", infer: out_f32, ref_inputs: &[], stateful: true };
 static PANIC: OpDef = OpDef { name: "TestPanic", infer: out_f32, ref_inputs: &[], stateful: true };
 static COUNT: OpDef = OpDef { name: "TestCount", infer: same_as_input, ref_inputs: &[], stateful: true };
 static TEST_OPS: [OpDef; 0] = [];
@@ -88,7 +89,8 @@ fn deadline_exceeded_then_session_still_usable() {
     assert_eq!(sess.run(&[], &[v], &[], &opts()).unwrap()[0].scalar_value::<f32>().unwrap(), 1.0);
     // The session-wide operation timeout applies when the run sets none.
     let sess2 =
-        DirectSession::new(&g, &rt, SessionOptions { operation_timeout_in_ms: 50, ..Default::default() }).unwrap();
+        DirectSession::new(&g, &rt, SessionOptions { operation_timeout_in_ms: 50, ..Default::default() })
+            .unwrap();
     assert_eq!(sess2.run(&[], &[w], &[], &opts()).unwrap_err().code, Code::DeadlineExceeded);
 }
 
@@ -179,8 +181,14 @@ fn a_trace_is_produced() {
     let rt = runtime();
     let s = DirectSession::new(&g, &rt, SessionOptions::default()).unwrap();
     let mut md = RunMetadata::default();
-    s.run_with_metadata(&[], &[], &[init], &RunOptions { trace_level: TraceLevel::FullTrace, ..opts() }, Some(&mut md))
-        .unwrap();
+    s.run_with_metadata(
+        &[],
+        &[],
+        &[init],
+        &RunOptions { trace_level: TraceLevel::FullTrace, ..opts() },
+        Some(&mut md),
+    )
+    .unwrap();
     assert!(md.step_stats.nodes.iter().any(|n| n.node == "v/Assign" && n.op == "Assign"));
     let dir = std::env::temp_dir().join(format!("rill-trace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -264,6 +264,12 @@ impl KernelInit<'_> {
             .ok_or_else(|| Error::internal(format!("node '{}' has no input {i}", self.node.name)))
     }
 
+    /// Whether every input has a statically known, small element count (for reductions, whose
+    /// small outputs can hide large inputs).
+    pub fn inputs_small(&self) -> bool {
+        self.input_types.iter().all(|o| o.shape.num_elements().is_some_and(|n| n <= INLINE_MAX_ELEMENTS))
+    }
+
     /// Whether every output has a statically known, small element count.
     pub fn outputs_small(&self) -> bool {
         self.node.outputs.iter().all(|o| o.shape.num_elements().is_some_and(|n| n <= INLINE_MAX_ELEMENTS))

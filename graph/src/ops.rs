@@ -190,7 +190,7 @@ fn infer_bias_add_grad(c: &InferCtx) -> Result<Vec<TensorInfo>> {
 pub fn normalize_axis(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) && !(r == 0 && a == 0) {
+    if a < 0 || a >= r {
         return Err(bad(format!("axis {axis} out of range for rank {rank}")));
     }
     Ok(a as usize)

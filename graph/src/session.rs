@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// GPU options, as in TensorFlow's `GPUOptions`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GpuOptions {
     /// Comma-separated visible GPU ids, remapped to `GPU:0..` in this order (`"1,0"`).
     pub visible_device_list: String,
@@ -28,7 +28,7 @@ pub struct GpuOptions {
 }
 
 /// Options of a session (TensorFlow's `ConfigProto`); `Default` gives TensorFlow's defaults.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SessionOptions {
     /// Threads of the inter-op pool; 0 = number of cores.
     pub inter_op_parallelism_threads: usize,
@@ -76,7 +76,7 @@ impl SessionOptions {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TraceLevel {
     #[default]
     NoTrace,
@@ -85,7 +85,7 @@ pub enum TraceLevel {
 }
 
 /// Options of one `run` (TensorFlow's `RunOptions`).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunOptions {
     /// Deadline of this step; 0 = the session's `operation_timeout_in_ms`.
     pub timeout_in_ms: u64,

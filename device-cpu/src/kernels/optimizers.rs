@@ -1,0 +1,205 @@
+//! The `Apply*` optimizer ops: in-place updates of a variable and its slots (TensorFlow's
+//! ApplyGradientDescent, ApplyMomentum, ApplyAdam and ApplyRMSProp), returning the new value.
+
+use super::{unsupported, Arith, Float, FloatNum};
+use rill_graph::{
+    dispatch_float, AttrsExt, Error, Kernel, KernelInit, OpKernel, OpKernelContext, Result, Tensor, Variable,
+};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Opt {
+    GradientDescent,
+    Momentum,
+    Adam,
+    RmsProp,
+}
+
+impl Opt {
+    /// Reference inputs: the variable, then its slots.
+    fn refs(self) -> usize {
+        match self {
+            Opt::GradientDescent => 1,
+            Opt::Momentum => 2,
+            Opt::Adam | Opt::RmsProp => 3,
+        }
+    }
+
+    /// Scalar inputs between the references and the gradient.
+    fn scalars(self) -> usize {
+        match self {
+            Opt::GradientDescent => 1,
+            Opt::Momentum => 2,
+            Opt::Adam => 6,
+            Opt::RmsProp => 4,
+        }
+    }
+}
+
+struct ApplyK {
+    opt: Opt,
+    nesterov: bool,
+}
+
+pub fn create_apply(init: &KernelInit<'_>) -> Result<Kernel> {
+    let opt = match init.node.op.as_str() {
+        "ApplyGradientDescent" => Opt::GradientDescent,
+        "ApplyMomentum" => Opt::Momentum,
+        "ApplyAdam" => Opt::Adam,
+        "ApplyRMSProp" => Opt::RmsProp,
+        other => return Err(Error::internal(format!("no optimizer kernel for {other}"))),
+    };
+    Ok(Kernel::sized(ApplyK { opt, nesterov: init.attrs().bool_or("use_nesterov", false) }, init))
+}
+
+/// Runs `f` on the values of `vars` under their locks, taken in input order; returns the first
+/// variable's new value.
+fn update_all(vars: &[Arc<Variable>], f: impl FnOnce(&mut [&mut Tensor]) -> Result<()>) -> Result<Tensor> {
+    let mut out = None;
+    match vars {
+        [v] => return v.update(|a| f(&mut [a])),
+        [v, s1] => {
+            s1.update(|b| {
+                out = Some(v.update(|a| f(&mut [a, b]))?);
+                Ok(())
+            })?;
+        }
+        [v, s1, s2] => {
+            s2.update(|c| {
+                s1.update(|b| {
+                    out = Some(v.update(|a| f(&mut [a, b, c]))?);
+                    Ok(())
+                })?;
+                Ok(())
+            })?;
+        }
+        _ => return Err(Error::internal(format!("{} references to update", vars.len()))),
+    }
+    out.ok_or_else(|| Error::internal("the variable was not updated"))
+}
+
+impl ApplyK {
+    fn run<T: FloatNum>(&self, vars: &[Arc<Variable>], scalars: &[Tensor], grad: &Tensor) -> Result<Tensor> {
+        let s: Vec<T::A> = scalars
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.num_elements() != 1 {
+                    return Err(Error::invalid_argument(format!(
+                        "scalar input {} must be a scalar, has shape {}",
+                        vars.len() + i,
+                        t.shape()
+                    )));
+                }
+                Ok(t.as_slice::<T>()?[0].load())
+            })
+            .collect::<Result<_>>()?;
+        let g = grad.as_slice::<T>()?;
+        let (opt, nesterov) = (self.opt, self.nesterov);
+        update_all(vars, |ts| {
+            for (i, t) in ts.iter().enumerate() {
+                if t.shape() != grad.shape() || t.dtype() != grad.dtype() {
+                    return Err(Error::invalid_argument(format!(
+                        "{} of {} {} does not match the gradient's {} {}",
+                        vars[i].name,
+                        t.dtype(),
+                        t.shape(),
+                        grad.dtype(),
+                        grad.shape()
+                    )));
+                }
+            }
+            let one = T::A::ONE;
+            let nrefs = ts.len();
+            match (opt, ts) {
+                (Opt::GradientDescent, [var]) => {
+                    let alpha = s[0];
+                    for (w, &d) in var.as_mut_slice::<T>()?.iter_mut().zip(g) {
+                        *w = T::store(w.load().sub(alpha.mul(d.load())));
+                    }
+                }
+                (Opt::Momentum, [var, accum]) => {
+                    let (lr, momentum) = (s[0], s[1]);
+                    let (w, a) = (var.as_mut_slice::<T>()?, accum.as_mut_slice::<T>()?);
+                    for ((w, a), &d) in w.iter_mut().zip(a.iter_mut()).zip(g) {
+                        let d = d.load();
+                        let acc = a.load().mul(momentum).add(d);
+                        *a = T::store(acc);
+                        let step =
+                            if nesterov { d.mul(lr).add(acc.mul(momentum).mul(lr)) } else { acc.mul(lr) };
+                        *w = T::store(w.load().sub(step));
+                    }
+                }
+                (Opt::Adam, [var, m, v]) => {
+                    let [beta1_power, beta2_power, lr, beta1, beta2, eps] = s[..] else {
+                        return Err(Error::internal("Adam takes six scalars"));
+                    };
+                    let lr_t = lr.mul(one.sub(beta2_power).sqrt()).div(one.sub(beta1_power));
+                    let (w, m, v) =
+                        (var.as_mut_slice::<T>()?, m.as_mut_slice::<T>()?, v.as_mut_slice::<T>()?);
+                    for (((w, m), v), &d) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                        let d = d.load();
+                        let mn = m.load().add(d.sub(m.load()).mul(one.sub(beta1)));
+                        let vn = v.load().add(d.mul(d).sub(v.load()).mul(one.sub(beta2)));
+                        *m = T::store(mn);
+                        *v = T::store(vn);
+                        let num = if nesterov { d.mul(one.sub(beta1)).add(beta1.mul(mn)) } else { mn };
+                        *w = T::store(w.load().sub(num.mul(lr_t).div(vn.sqrt().add(eps))));
+                    }
+                }
+                (Opt::RmsProp, [var, ms, mom]) => {
+                    let [lr, rho, momentum, eps] = s[..] else {
+                        return Err(Error::internal("RMSProp takes four scalars"));
+                    };
+                    let (w, ms, mom) =
+                        (var.as_mut_slice::<T>()?, ms.as_mut_slice::<T>()?, mom.as_mut_slice::<T>()?);
+                    for (((w, ms), mom), &d) in w.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()).zip(g) {
+                        let d = d.load();
+                        let msn = ms.load().add(d.mul(d).sub(ms.load()).mul(one.sub(rho)));
+                        let momn = mom.load().mul(momentum).add(lr.mul(d).div(msn.add(eps).sqrt()));
+                        *ms = T::store(msn);
+                        *mom = T::store(momn);
+                        *w = T::store(w.load().sub(momn));
+                    }
+                }
+                _ => return Err(Error::internal(format!("{opt:?} got {nrefs} references"))),
+            }
+            Ok(())
+        })
+    }
+}
+
+impl OpKernel for ApplyK {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        let (nr, ns) = (self.opt.refs(), self.opt.scalars());
+        if ctx.num_inputs() != nr + ns + 1 {
+            return Err(Error::invalid_argument(format!(
+                "expects {} inputs, got {}",
+                nr + ns + 1,
+                ctx.num_inputs()
+            )));
+        }
+        let vars: Vec<Arc<Variable>> = (0..nr).map(|i| ctx.input_ref(i).cloned()).collect::<Result<_>>()?;
+        // One variable passed as two references would deadlock on its own lock.
+        for i in 0..nr {
+            for j in 0..i {
+                if Arc::ptr_eq(&vars[i], &vars[j]) {
+                    return Err(Error::invalid_argument(format!(
+                        "variable {} is passed as both input {j} and input {i}",
+                        vars[i].name
+                    )));
+                }
+            }
+        }
+        let scalars: Vec<Tensor> = (nr..nr + ns).map(|i| ctx.input(i).cloned()).collect::<Result<_>>()?;
+        let grad = ctx.input(nr + ns)?.clone();
+        let d = vars[0].dtype;
+        if let Some(t) = scalars.iter().chain([&grad]).find(|t| t.dtype() != d) {
+            return Err(Error::invalid_argument(format!("input of dtype {} for a {d} variable", t.dtype())));
+        }
+        let out = dispatch_float!(d, T => self.run::<T>(&vars, &scalars, &grad)?,
+            _ => return Err(unsupported(&ctx.node.op, d)));
+        ctx.set_output(0, out);
+        Ok(())
+    }
+}
