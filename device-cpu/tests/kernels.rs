@@ -1023,6 +1023,10 @@ fn optimizers_update_variables_in_place() {
             inputs.extend(&slots);
             inputs.extend(scalars.iter().map(|&x| g.constant(make(dtype, &[], &[x]))));
             inputs.push(grad);
+            if op == "ApplyMomentum" {
+                // TensorFlow's order: (var, accum, lr, grad, momentum).
+                inputs.swap(3, 4);
+            }
             let apply = g.custom(core_op(op), "apply", &inputs, attrs! { "use_nesterov" => nesterov });
             let init = g.global_variables_initializer();
             let sess = DirectSession::new(&g, &cpu_runtime(), SessionOptions::default()).unwrap();

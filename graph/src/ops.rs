@@ -571,8 +571,9 @@ fn infer_arg(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![ti(d, s)])
 }
 
-/// `Apply*` optimizer ops: reference inputs first (variable, then slots), then scalars and the
-/// gradient; the output is the variable's new value.
+/// `Apply*` optimizer ops in TensorFlow's argument order: reference inputs first (variable, then
+/// slots), then scalars and the gradient (last, except ApplyMomentum's
+/// `(var, accum, lr, grad, momentum)`); the output is the variable's new value.
 fn infer_apply(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     let refs = match c.op {
         "ApplyGradientDescent" => 1,
@@ -597,7 +598,7 @@ fn infer_apply(c: &InferCtx) -> Result<Vec<TensorInfo>> {
         }
         c.shape(0).merge(c.shape(i)).map_err(|e| e.context("slot shape"))?;
     }
-    let g = want - 1;
+    let g = if c.op == "ApplyMomentum" { 3 } else { want - 1 };
     c.shape(0).merge(c.shape(g)).map_err(|e| e.context("gradient does not fit the variable"))?;
     Ok(vec![ti(d, c.shape(0).clone())])
 }

@@ -25,7 +25,15 @@ impl Opt {
         }
     }
 
-    /// Scalar inputs between the references and the gradient.
+    /// Index of the gradient input: last, except ApplyMomentum's `(var, accum, lr, grad, momentum)`.
+    fn grad_index(self) -> usize {
+        match self {
+            Opt::Momentum => 3,
+            _ => self.refs() + self.scalars(),
+        }
+    }
+
+    /// Scalar inputs (all inputs that are neither references nor the gradient), in input order.
     fn scalars(self) -> usize {
         match self {
             Opt::GradientDescent => 1,
@@ -191,8 +199,10 @@ impl OpKernel for ApplyK {
                 }
             }
         }
-        let scalars: Vec<Tensor> = (nr..nr + ns).map(|i| ctx.input(i).cloned()).collect::<Result<_>>()?;
-        let grad = ctx.input(nr + ns)?.clone();
+        let gi = self.opt.grad_index();
+        let scalars: Vec<Tensor> =
+            (nr..=nr + ns).filter(|&i| i != gi).map(|i| ctx.input(i).cloned()).collect::<Result<_>>()?;
+        let grad = ctx.input(gi)?.clone();
         let d = vars[0].dtype;
         if let Some(t) = scalars.iter().chain([&grad]).find(|t| t.dtype() != d) {
             return Err(Error::invalid_argument(format!("input of dtype {} for a {d} variable", t.dtype())));
