@@ -205,7 +205,7 @@ impl Shared {
 pub struct Transport {
     shared: Arc<Shared>,
     local_addr: Option<SocketAddr>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     identity: Identity,
 }
 
@@ -272,7 +272,7 @@ impl Transport {
             .name(format!("rill-transport-{}-{}", opts.job, opts.task))
             .spawn(move || lp.run())
             .map_err(|e| Error::internal(format!("spawning the event-loop thread: {e}")))?;
-        Ok(Transport { shared, local_addr, thread: Some(thread), identity })
+        Ok(Transport { shared, local_addr, thread: Mutex::new(Some(thread)), identity })
     }
 
     /// The address the listener is bound to (with the port the OS chose for port 0).
@@ -312,14 +312,25 @@ impl Transport {
     }
 }
 
-impl Drop for Transport {
-    fn drop(&mut self) {
+impl Transport {
+    /// Stops the event loop and waits until it has closed its listener and connections (calls
+    /// in flight fail with `Unavailable`). Called from the loop's own thread, it does not wait.
+    pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         let _ = self.shared.waker.wake();
-        if let Some(t) = self.thread.take() {
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
             // The loop sees the flag at its next wake-up and exits after closing its sockets.
-            let _ = t.join();
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -268,7 +268,9 @@ impl Handshake {
                 h.job, h.task, h.version
             )));
         }
-        if h.cluster_id != self.local.cluster_id {
+        // A client outside the cluster (a remote session) names no cluster; tasks must agree.
+        let client = h.cluster_id == CLIENT_CLUSTER_ID || self.local.cluster_id == CLIENT_CLUSTER_ID;
+        if !client && h.cluster_id != self.local.cluster_id {
             return Err(Error::failed_precondition(format!(
                 "/job:{}/task:{} belongs to cluster {:016x}, this process to cluster {:016x}",
                 h.job, h.task, h.cluster_id, self.local.cluster_id
@@ -277,6 +279,9 @@ impl Handshake {
         Ok(())
     }
 }
+
+/// The cluster id of a process that is a client of the cluster, not a task in it.
+pub const CLIENT_CLUSTER_ID: u64 = 0;
 
 fn hello(local: &Identity, nonce: [u8; NONCE_SIZE], auth: bool) -> Hello {
     Hello {

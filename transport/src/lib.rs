@@ -3,7 +3,8 @@
 //!
 //! The wire layer is built in two parts: an I/O-free protocol ([`wire`]: frames; [`handshake`]:
 //! hello and shared-secret proof) that turns bytes into events, and the connection layer
-//! ([`Transport`]) that moves those bytes over TCP on one mio event-loop thread.
+//! ([`Transport`]) that moves those bytes over TCP on one mio event-loop thread. On top of it,
+//! [`server::Server`] hosts the master and worker services and [`RemoteSession`] is the client.
 
 #![forbid(unsafe_code)]
 
@@ -11,7 +12,12 @@ pub mod cluster;
 mod conn;
 mod event_loop;
 pub mod handshake;
+pub mod master;
+pub mod proto;
+pub mod remote;
+pub mod server;
 pub mod wire;
+pub mod worker;
 
 pub use cluster::{ClusterSpec, ServerDef};
 pub use conn::{CallDone, Response};
@@ -21,4 +27,6 @@ pub use event_loop::{
     REQUEST_BODY_SIZE_MAX, WRITE_QUEUE_SIZE_MAX,
 };
 pub use handshake::{cluster_fingerprint, Identity, PeerInfo};
+pub use remote::{reset, ConnectOptions, RemoteSession};
+pub use server::Server;
 pub use wire::{BodySource, FrameLimits, FRAME_BODY_SIZE_MAX, FRAME_META_SIZE_MAX};

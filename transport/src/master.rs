@@ -1,0 +1,487 @@
+//! The master service: sessions over the whole cluster. It places a step's graph over every
+//! task's devices, partitions it per task and device, registers the partitions on the workers
+//! and runs steps there, gathering fetches and the first error (with the task that raised it).
+
+use crate::proto::{decode, encode, pack, unpack, Req, Resp, TensorRef};
+use crate::worker::{task_error, Peers, Worker};
+use crate::BodySource;
+use rill_graph::partition::{partition, prune_and_rewrite, PartitionOptions};
+use rill_graph::placer::{place, PlacerOptions};
+use rill_graph::session::{check_feeds, CANCEL_GRACE};
+use rill_graph::trace::StepStats;
+use rill_graph::{
+    AttrsExt, Code, DeviceAttributes, DeviceName, Error, GraphDef, NodeId, Output, Result, Runtime,
+    SessionOptions, StepId, Tensor, TensorInfo,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Deadline of control calls (session creation, graph registration, device listing).
+pub const CONTROL_TIMEOUT_MS: u64 = 30_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct TaskPart {
+    job: String,
+    task: u32,
+    local: bool,
+    graph: u64,
+    args: Vec<u32>,
+}
+
+struct Plan {
+    parts: Vec<TaskPart>,
+    feed_types: Vec<TensorInfo>,
+    num_fetches: usize,
+}
+
+type PlanKey = (Vec<Output>, Vec<Output>, Vec<NodeId>);
+
+struct MasterSession {
+    graph: RwLock<GraphDef>,
+    opts: SessionOptions,
+    devices: Vec<DeviceAttributes>,
+    /// Process incarnation of each remote task when the session was made: a change means the
+    /// task restarted and lost its state, so the session is `Aborted`.
+    incarnations: HashMap<(String, u32), u64>,
+    placement: Mutex<HashMap<String, DeviceName>>,
+    plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
+}
+
+/// The master service of one server.
+pub struct Master {
+    task: DeviceName,
+    worker: Arc<Worker>,
+    peers: Arc<Peers>,
+    runtime: Runtime,
+    sessions: Mutex<HashMap<u64, Arc<MasterSession>>>,
+    next: AtomicU64,
+}
+
+fn task_of(d: &DeviceName) -> (String, u32) {
+    (d.job.clone().unwrap_or_default(), d.task.unwrap_or(0))
+}
+
+impl Master {
+    pub fn new(task: DeviceName, worker: Arc<Worker>, peers: Arc<Peers>, runtime: Runtime) -> Master {
+        Master { task, worker, peers, runtime, sessions: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+    }
+
+    fn is_local(&self, job: &str, task: u32) -> bool {
+        self.task.job.as_deref() == Some(job) && self.task.task == Some(task)
+    }
+
+    fn control_timeout() -> Duration {
+        Duration::from_millis(CONTROL_TIMEOUT_MS)
+    }
+
+    /// Devices of every task passing the filters (this task's without a network call).
+    pub fn list_devices(
+        &self,
+        opts: &SessionOptions,
+    ) -> Result<(Vec<DeviceAttributes>, HashMap<(String, u32), u64>)> {
+        let mut out = Vec::new();
+        let mut inc = HashMap::new();
+        let tasks: Vec<(String, u32)> =
+            self.peers.cluster().tasks().map(|(j, t, _)| (j.to_string(), t)).collect();
+        for (job, task) in tasks {
+            let name = crate::ClusterSpec::task_name(&job, task);
+            let wanted = opts.device_filters.is_empty()
+                || opts.device_filters.iter().any(|f| {
+                    DeviceName::parse(f)
+                        .is_ok_and(|f| f.task_name().matches(&name) || name.matches(&f.task_name()))
+                });
+            if !wanted {
+                continue;
+            }
+            if self.is_local(&job, task) {
+                out.extend(self.worker.device_attributes());
+                continue;
+            }
+            let (resp, _) = self.peers.call(&job, task, &Req::GetStatus, None, Self::control_timeout())?;
+            match resp {
+                Resp::Devices(d) => out.extend(d),
+                other => return Err(Error::internal(format!("GetStatus answered {other:?}"))),
+            }
+            if let Some(p) = self.peers.get(&job, task) {
+                inc.insert((job, task), p.info().incarnation);
+            }
+        }
+        out.retain(|d| opts.device_passes_filters(&d.name));
+        Ok((out, inc))
+    }
+
+    pub fn create_session(&self, graph: GraphDef, opts: SessionOptions) -> Result<u64> {
+        graph.validate()?;
+        for n in &graph.nodes {
+            self.runtime.ops.get(&n.op).map_err(|e| e.context(format!("node '{}'", n.name)))?;
+        }
+        let (devices, incarnations) = self.list_devices(&opts)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed) | (rill_graph::random_u64() << 32);
+        lock(&self.sessions).insert(
+            id,
+            Arc::new(MasterSession {
+                graph: RwLock::new(graph),
+                opts,
+                devices,
+                incarnations,
+                placement: Mutex::new(HashMap::new()),
+                plans: Mutex::new(HashMap::new()),
+            }),
+        );
+        Ok(id)
+    }
+
+    fn session(&self, id: u64) -> Result<Arc<MasterSession>> {
+        lock(&self.sessions).get(&id).cloned().ok_or_else(|| {
+            Error::aborted(format!(
+                "session {id:x} does not exist on {} (closed, reset or restarted)",
+                self.task
+            ))
+        })
+    }
+
+    pub fn extend_session(&self, id: u64, graph: GraphDef) -> Result<()> {
+        let s = self.session(id)?;
+        graph.validate()?;
+        let mut g = s.graph.write().unwrap_or_else(|e| e.into_inner());
+        if graph.nodes.len() < g.nodes.len() || graph.nodes[..g.nodes.len()] != g.nodes[..] {
+            return Err(Error::invalid_argument("extend needs the same graph with nodes added"));
+        }
+        *g = graph;
+        Ok(())
+    }
+
+    pub fn close_session(&self, id: u64) -> Result<()> {
+        let s = lock(&self.sessions).remove(&id);
+        if let Some(s) = s {
+            for plan in lock(&s.plans).values() {
+                for p in &plan.parts {
+                    if p.local {
+                        self.worker.cleanup_graph(p.graph);
+                    } else {
+                        let _ = self.peers.call(
+                            &p.job,
+                            p.task,
+                            &Req::CleanupGraph { graph: p.graph },
+                            None,
+                            Self::control_timeout(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears resource containers on every task and closes every session (TF's `Session.reset`).
+    pub fn reset(&self, containers: Vec<String>) -> Result<()> {
+        let ids: Vec<u64> = lock(&self.sessions).keys().copied().collect();
+        for id in ids {
+            self.close_session(id)?;
+        }
+        let tasks: Vec<(String, u32)> =
+            self.peers.cluster().tasks().map(|(j, t, _)| (j.to_string(), t)).collect();
+        for (job, task) in tasks {
+            if self.is_local(&job, task) {
+                self.worker.reset_local(&containers);
+            } else {
+                self.peers.call(
+                    &job,
+                    task,
+                    &Req::ResetLocal { containers: containers.clone() },
+                    None,
+                    Self::control_timeout(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn client_device(&self, s: &MasterSession) -> DeviceName {
+        s.devices
+            .iter()
+            .find(|d| d.name.same_task(&self.task) && d.device_type == "CPU")
+            .map(|d| d.name.clone())
+            .unwrap_or_else(|| DeviceName {
+                device_type: Some("CPU".into()),
+                id: Some(0),
+                ..self.task.clone()
+            })
+    }
+
+    fn plan(
+        &self,
+        s: &MasterSession,
+        feeds: &[Output],
+        fetches: &[Output],
+        targets: &[NodeId],
+    ) -> Result<Arc<Plan>> {
+        let key = (feeds.to_vec(), fetches.to_vec(), targets.to_vec());
+        if let Some(p) = lock(&s.plans).get(&key) {
+            return Ok(p.clone());
+        }
+        let client = self.client_device(s);
+        let sg = {
+            let g = s.graph.read().unwrap_or_else(|e| e.into_inner());
+            prune_and_rewrite(&g, feeds, fetches, targets, &client, &self.runtime.ops)?
+        };
+        let prev = lock(&s.placement).clone();
+        let popts = PlacerOptions {
+            allow_soft_placement: s.opts.allow_soft_placement,
+            log_device_placement: s.opts.log_device_placement,
+            default_device: self.task.task_name(),
+        };
+        let placement =
+            place(&sg.graph, &s.devices, &self.runtime.ops, &self.runtime.kernels, &prev, &popts)?;
+        {
+            let mut prev = lock(&s.placement);
+            for (node, dev) in sg.graph.nodes.iter().zip(&placement.devices) {
+                prev.entry(node.name.clone()).or_insert_with(|| dev.clone());
+            }
+        }
+        let inc =
+            |d: &DeviceName| s.devices.iter().find(|a| &a.name == d).map(|a| a.incarnation).unwrap_or(0);
+        let parts = partition(
+            &sg.graph,
+            &placement.devices,
+            &PartitionOptions { incarnation: &inc, cross_task_cast: s.opts.cross_task_cast },
+        )?;
+        let mut by_task: BTreeMap<(String, u32), Vec<(String, GraphDef)>> = BTreeMap::new();
+        for (dev, g) in parts {
+            by_task.entry(task_of(&dev)).or_default().push((dev.to_string(), g));
+        }
+        let mut out = Vec::new();
+        for ((job, task), partitions) in by_task {
+            let mut args = Vec::new();
+            for (_, g) in &partitions {
+                for n in g.nodes.iter().filter(|n| n.op == "_Arg") {
+                    args.push(n.attrs.int("index")? as u32);
+                }
+            }
+            let local = self.is_local(&job, task);
+            let graph = if local {
+                self.worker.register_graph(partitions)?
+            } else {
+                let req = Req::RegisterGraph { session: 0, partitions };
+                match self.peers.call(&job, task, &req, None, Self::control_timeout())?.0 {
+                    Resp::Graph { graph } => graph,
+                    other => return Err(Error::internal(format!("RegisterGraph answered {other:?}"))),
+                }
+            };
+            out.push(TaskPart { job, task, local, graph, args });
+        }
+        let plan = Arc::new(Plan { parts: out, feed_types: sg.feed_types, num_fetches: fetches.len() });
+        lock(&s.plans).insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs one step over the cluster. Blocks the calling thread (a master step thread).
+    pub fn run_step(
+        &self,
+        id: u64,
+        feeds: Vec<(Output, Tensor)>,
+        fetches: &[Output],
+        targets: &[NodeId],
+        timeout_ms: u64,
+        trace: bool,
+    ) -> Result<(Vec<Tensor>, Option<StepStats>)> {
+        let s = self.session(id)?;
+        let timeout_ms = if timeout_ms > 0 { timeout_ms } else { s.opts.operation_timeout_in_ms };
+        let feed_outs: Vec<Output> = feeds.iter().map(|f| f.0).collect();
+        let plan = self.plan(&s, &feed_outs, fetches, targets)?;
+        check_feeds(&feeds, &plan.feed_types, &|o| {
+            let g = s.graph.read().unwrap_or_else(|e| e.into_inner());
+            format!("{}:{}", g.node(o.node).name, o.index)
+        })?;
+        for p in plan.parts.iter().filter(|p| !p.local) {
+            let peer = self.peers.ensure(&p.job, p.task)?;
+            if let Some(&was) = s.incarnations.get(&(p.job.clone(), p.task)) {
+                if peer.info().incarnation != was {
+                    return Err(Error::aborted(format!(
+                        "/job:{}/task:{} restarted since the session was created; recreate the session",
+                        p.job, p.task
+                    )));
+                }
+            }
+        }
+        let step = StepId::next();
+        let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
+        let (tx, rx) = mpsc::channel::<(usize, Result<(Vec<(u32, Tensor)>, Option<StepStats>)>)>();
+        for (k, p) in plan.parts.iter().enumerate() {
+            let args: Vec<(u32, Tensor)> = p.args.iter().map(|&i| (i, feeds[i as usize].1.clone())).collect();
+            let tx = tx.clone();
+            if p.local {
+                self.worker.run_graph_async(
+                    p.graph,
+                    step,
+                    args,
+                    plan.num_fetches as u32,
+                    timeout_ms,
+                    trace,
+                    Box::new(move |r| {
+                        let _ = tx.send((k, r));
+                    }),
+                );
+                continue;
+            }
+            let send = || -> Result<()> {
+                let (idx, ts): (Vec<u32>, Vec<Tensor>) = args.into_iter().unzip();
+                let packed = pack(&ts)?;
+                let req = Req::RunGraph {
+                    graph: p.graph,
+                    step,
+                    args: idx.into_iter().zip(packed.refs).collect(),
+                    num_retvals: plan.num_fetches as u32,
+                    timeout_ms,
+                    trace,
+                };
+                let peer = self.peers.ensure(&p.job, p.task)?;
+                let call_deadline = deadline.map(|d| d + CANCEL_GRACE).unwrap_or_else(|| {
+                    Instant::now() + Duration::from_millis(crate::worker::RECV_TIMEOUT_DEFAULT_MS)
+                });
+                let (job, task) = (p.job.clone(), p.task);
+                let tx = tx.clone();
+                let opts = crate::CallOptions {
+                    deadline: call_deadline,
+                    ..crate::CallOptions::timeout(Duration::ZERO)
+                }
+                .body_size_max(crate::FRAME_BODY_SIZE_MAX);
+                peer.call_async(
+                    &encode(&req)?,
+                    packed.body,
+                    opts,
+                    Box::new(move |r| {
+                        let r = r.map_err(|e| task_error(&job, task, e)).and_then(|resp| {
+                            match decode::<Resp>(&resp.meta)? {
+                                Resp::Retvals { values, stats } => {
+                                    let (idx, refs): (Vec<u32>, Vec<TensorRef>) = values.into_iter().unzip();
+                                    Ok((idx.into_iter().zip(unpack(refs, resp.body)?).collect(), stats))
+                                }
+                                other => Err(Error::internal(format!("RunGraph answered {other:?}"))),
+                            }
+                        });
+                        let _ = tx.send((k, r));
+                    }),
+                )
+            };
+            if let Err(e) = send() {
+                let _ = tx.send((k, Err(task_error(&p.job, p.task, e))));
+            }
+        }
+        drop(tx);
+        let mut first: Option<Error> = None;
+        let mut retvals: Vec<Option<Tensor>> = vec![None; plan.num_fetches];
+        let mut stats = StepStats::default();
+        let mut got = 0;
+        let mut aborted = false;
+        while got < plan.parts.len() {
+            let wait_until = match (deadline, aborted) {
+                (_, true) => Instant::now() + CANCEL_GRACE,
+                (Some(d), false) => d + CANCEL_GRACE,
+                (None, false) => Instant::now() + Duration::from_secs(3600),
+            };
+            let r = rx.recv_timeout(wait_until.saturating_duration_since(Instant::now()));
+            let (_, r) = match r {
+                Ok(x) => x,
+                Err(_) => {
+                    first.get_or_insert_with(|| {
+                        Error::deadline_exceeded(format!("step timed out after {timeout_ms} ms"))
+                    });
+                    break;
+                }
+            };
+            got += 1;
+            match r {
+                Ok((vals, st)) => {
+                    for (i, t) in vals {
+                        if let Some(slot) = retvals.get_mut(i as usize) {
+                            *slot = Some(t);
+                        }
+                    }
+                    if let Some(st) = st {
+                        stats.nodes.extend(st.nodes);
+                    }
+                }
+                Err(e) => {
+                    let better =
+                        first.as_ref().is_none_or(|p| p.code == Code::Cancelled && e.code != Code::Cancelled);
+                    if better {
+                        first = Some(e.clone());
+                    }
+                    if !aborted {
+                        aborted = true;
+                        self.cleanup_step(&plan, step, Some(e));
+                    }
+                }
+            }
+        }
+        if !aborted {
+            self.cleanup_step(&plan, step, first.clone());
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        let out = retvals
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.ok_or_else(|| Error::internal(format!("fetch {i} was not produced"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, trace.then_some(stats)))
+    }
+
+    fn cleanup_step(&self, plan: &Plan, step: StepId, error: Option<Error>) {
+        for p in &plan.parts {
+            if p.local {
+                self.worker.cleanup_step(step, error.clone());
+            } else if let Some(peer) = self.peers.get(&p.job, p.task) {
+                if let Ok(meta) = encode(&Req::CleanupStep { step, error: error.clone() }) {
+                    let _ = peer.call_async(
+                        &meta,
+                        None,
+                        crate::CallOptions::timeout(Self::control_timeout()),
+                        Box::new(|_| {}),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Serves one master request on the calling thread (a step thread, never the event loop).
+pub fn handle_master(
+    m: &Master,
+    req: Req,
+    body: Option<rill_graph::Buffer>,
+) -> Result<(Resp, Option<BodySource>)> {
+    match req {
+        Req::CreateSession { graph, options } => {
+            Ok((Resp::Session { session: m.create_session(graph, options)? }, None))
+        }
+        Req::ExtendSession { session, graph } => m.extend_session(session, graph).map(|_| (Resp::Ok, None)),
+        Req::CloseSession { session } => m.close_session(session).map(|_| (Resp::Ok, None)),
+        Req::ListDevices => Ok((Resp::Devices(m.list_devices(&SessionOptions::default())?.0), None)),
+        Req::Reset { containers } => m.reset(containers).map(|_| (Resp::Ok, None)),
+        Req::RunStep { session, feeds, fetches, targets, timeout_ms, trace, feed_values } => {
+            let values = unpack(feed_values, body)?;
+            if values.len() != feeds.len() {
+                return Err(Error::invalid_argument("feed values do not match feeds"));
+            }
+            let (out, stats) = m.run_step(
+                session,
+                feeds.into_iter().zip(values).collect(),
+                &fetches,
+                &targets,
+                timeout_ms,
+                trace,
+            )?;
+            let p = pack(&out)?;
+            Ok((Resp::Step { fetches: p.refs, stats }, p.body))
+        }
+        other => Err(Error::invalid_argument(format!("not a master request: {other:?}"))),
+    }
+}

@@ -1,0 +1,226 @@
+//! The master and worker services' messages (postcard-encoded control plane) and how tensors
+//! travel with them: small ones inline in the message, large ones as raw bytes in the frame body.
+
+use crate::wire::BodySource;
+use rill_graph::{
+    Buffer, DType, DeviceAttributes, Error, GraphDef, NodeId, Output, Result, SessionOptions, Shape, StepId,
+    StepStats, Tensor,
+};
+use serde::{Deserialize, Serialize};
+
+/// Tensors of at most this many bytes travel inside the control message; larger ones in the body.
+pub const INLINE_TENSOR_SIZE_MAX: usize = 64 * 1024;
+
+/// Where one tensor of a message is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TensorRef {
+    Inline(Tensor),
+    Body { dtype: DType, shape: Shape, offset: u64, len: u64 },
+}
+
+/// Requests of the master service (`CreateSession`...) and the worker service (`RegisterGraph`...).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Req {
+    CreateSession {
+        graph: GraphDef,
+        options: SessionOptions,
+    },
+    ExtendSession {
+        session: u64,
+        graph: GraphDef,
+    },
+    RunStep {
+        session: u64,
+        feeds: Vec<Output>,
+        fetches: Vec<Output>,
+        targets: Vec<NodeId>,
+        timeout_ms: u64,
+        trace: bool,
+        feed_values: Vec<TensorRef>,
+    },
+    CloseSession {
+        session: u64,
+    },
+    ListDevices,
+    Reset {
+        containers: Vec<String>,
+    },
+    GetStatus,
+    RegisterGraph {
+        session: u64,
+        partitions: Vec<(String, GraphDef)>,
+    },
+    RunGraph {
+        graph: u64,
+        step: StepId,
+        args: Vec<(u32, TensorRef)>,
+        num_retvals: u32,
+        timeout_ms: u64,
+        trace: bool,
+    },
+    RecvTensor {
+        step: StepId,
+        key: String,
+    },
+    CleanupStep {
+        step: StepId,
+        error: Option<Error>,
+    },
+    CleanupGraph {
+        graph: u64,
+    },
+    /// Clears the named containers (all when empty) of this task's devices only.
+    ResetLocal {
+        containers: Vec<String>,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Resp {
+    Ok,
+    Session { session: u64 },
+    Devices(Vec<DeviceAttributes>),
+    Step { fetches: Vec<TensorRef>, stats: Option<StepStats> },
+    Graph { graph: u64 },
+    Retvals { values: Vec<(u32, TensorRef)>, stats: Option<StepStats> },
+    Tensor(TensorRef),
+}
+
+/// Tensors of one message, ready to send: references for the meta, and the body.
+pub struct Packed {
+    pub refs: Vec<TensorRef>,
+    pub body: Option<BodySource>,
+}
+
+fn align64(x: usize) -> usize {
+    x.div_ceil(64) * 64
+}
+
+/// Packs tensors: small or string ones inline; one large tensor is sent from its own buffer
+/// without a copy; several are laid out 64-byte aligned in one body buffer.
+pub fn pack(tensors: &[Tensor]) -> Result<Packed> {
+    let big: Vec<usize> = (0..tensors.len())
+        .filter(|&i| tensors[i].dtype().size().is_some() && tensors[i].byte_size() > INLINE_TENSOR_SIZE_MAX)
+        .collect();
+    let mut refs = Vec::with_capacity(tensors.len());
+    let mut offsets = vec![0usize; tensors.len()];
+    let mut total = 0usize;
+    for &i in &big {
+        offsets[i] = total;
+        total = align64(total + tensors[i].byte_size());
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        if big.contains(&i) {
+            refs.push(TensorRef::Body {
+                dtype: t.dtype(),
+                shape: *t.shape(),
+                offset: offsets[i] as u64,
+                len: t.byte_size() as u64,
+            });
+        } else {
+            if !t.is_host() {
+                return Err(Error::internal("a device tensor must be copied to the host before it is sent"));
+            }
+            refs.push(TensorRef::Inline(t.clone()));
+        }
+    }
+    let body = match big.len() {
+        0 => None,
+        1 => Some(BodySource::from_tensor(tensors[big[0]].clone())?),
+        _ => {
+            let last = *big.last().unwrap_or(&0);
+            let mut buf = Buffer::zeroed(offsets[last] + tensors[last].byte_size());
+            for &i in &big {
+                let b = tensors[i].as_bytes()?;
+                buf.as_bytes_mut()[offsets[i]..offsets[i] + b.len()].copy_from_slice(b);
+            }
+            Some(BodySource::Buffer(std::sync::Arc::new(buf)))
+        }
+    };
+    Ok(Packed { refs, body })
+}
+
+/// Rebuilds tensors, checking every offset and length against the body and the declared shape.
+/// A body holding exactly one tensor becomes that tensor's buffer without a copy.
+pub fn unpack(refs: Vec<TensorRef>, body: Option<Buffer>) -> Result<Vec<Tensor>> {
+    let body_len = body.as_ref().map(|b| b.len()).unwrap_or(0) as u64;
+    let body_parts = refs.iter().filter(|r| matches!(r, TensorRef::Body { .. })).count();
+    let mut body = body;
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        match r {
+            TensorRef::Inline(t) => out.push(t),
+            TensorRef::Body { dtype, shape, offset, len } => {
+                let want = dtype
+                    .size()
+                    .and_then(|s| shape.checked_num_elements().ok().and_then(|n| n.checked_mul(s)))
+                    .ok_or_else(|| Error::invalid_argument(format!("bad body tensor {dtype} {shape}")))?;
+                let end = offset.checked_add(len).filter(|&e| e <= body_len);
+                if want as u64 != len || end.is_none() {
+                    return Err(Error::invalid_argument(format!(
+                        "body tensor {dtype} {shape} at {offset}+{len} does not fit a {body_len}-byte body"
+                    )));
+                }
+                if body_parts == 1 && offset == 0 && len == body_len {
+                    if let Some(b) = body.take() {
+                        out.push(Tensor::from_buffer(dtype, shape, b)?);
+                        continue;
+                    }
+                }
+                let b = body.as_ref().ok_or_else(|| Error::invalid_argument("body tensor without a body"))?;
+                out.push(Tensor::from_bytes(
+                    dtype,
+                    shape,
+                    &b.as_bytes()[offset as usize..(offset + len) as usize],
+                )?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(m).map_err(|e| Error::internal(format!("encoding a message: {e}")))
+}
+
+/// Decodes a peer's message; malformed input is `InvalidArgument`, never a panic.
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|e| Error::invalid_argument(format!("malformed message: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trips() {
+        let big1 = Tensor::new([20000usize], &vec![1.5f32; 20000]).unwrap();
+        let big2 = Tensor::new([30000usize], &vec![7i32; 30000]).unwrap();
+        let small = Tensor::scalar(3f64);
+        let s = Tensor::scalar_string("hello");
+        for set in [
+            vec![small.clone()],
+            vec![big1.clone()],
+            vec![small.clone(), big1.clone(), s.clone(), big2.clone()],
+        ] {
+            let p = pack(&set).unwrap();
+            let body = p.body.map(|b| Buffer::from_bytes(b.as_bytes()));
+            let back = unpack(p.refs, body).unwrap();
+            assert_eq!(back, set);
+        }
+    }
+
+    #[test]
+    fn unpack_refuses_bad_offsets() {
+        let cases = [
+            TensorRef::Body { dtype: DType::F32, shape: Shape::vector(4), offset: 0, len: 16 },
+            TensorRef::Body { dtype: DType::F32, shape: Shape::vector(2), offset: 8, len: 16 },
+            TensorRef::Body { dtype: DType::F32, shape: Shape::vector(2), offset: u64::MAX, len: 8 },
+            TensorRef::Body { dtype: DType::String, shape: Shape::vector(1), offset: 0, len: 8 },
+        ];
+        for c in cases {
+            let r = unpack(vec![c.clone()], Some(Buffer::zeroed(8)));
+            assert_eq!(r.unwrap_err().code, rill_graph::Code::InvalidArgument, "{c:?}");
+        }
+    }
+}
