@@ -427,12 +427,10 @@ impl Worker {
         trace: bool,
         done: RunGraphDone,
     ) {
-        let g = match lock(&self.graphs).get(&graph).cloned() {
-            Some(g) => g,
-            None => return done(Err(Error::aborted(format!(
-                "graph {graph} is not registered on {} (the task may have restarted); recreate the session",
-                self.task
-            )))),
+        let Some(g) = lock(&self.graphs).get(&graph).cloned() else {
+            let task = &self.task;
+            let msg = format!("graph {graph} is not registered on {task} (the task may have restarted)");
+            return done(Err(Error::aborted(format!("{msg}; recreate the session"))));
         };
         for (job, task) in &g.remote_tasks {
             if let Err(e) = self.peers.ensure(job, *task) {
