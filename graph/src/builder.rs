@@ -222,7 +222,8 @@ impl Graph {
         }
     }
 
-    fn with_exact_name_scope<R>(&self, scope: &str, f: impl FnOnce(&Graph) -> R) -> R {
+    /// Runs `f` with exactly `scope` as the name-scope prefix (ignoring the enclosing scopes).
+    pub fn with_exact_name_scope<R>(&self, scope: &str, f: impl FnOnce(&Graph) -> R) -> R {
         let prev = self.set_name_scope(scope);
         let r = f(self);
         self.set_name_scope(&prev);
@@ -332,6 +333,29 @@ impl Graph {
     /// MatMul with transpose flags.
     pub fn matmul_t(&self, a: Output, b: Output, transpose_a: bool, transpose_b: bool) -> Output {
         self.core("MatMul", &[a, b], attrs! { "transpose_a" => transpose_a, "transpose_b" => transpose_b })
+    }
+
+    /// 2-D convolution, NHWC input and `[kh, kw, in, out]` filter; `padding` is "SAME" or "VALID".
+    pub fn conv2d(&self, input: Output, filter: Output, strides: [i64; 2], padding: &str) -> Output {
+        self.core(
+            "Conv2D",
+            &[input, filter],
+            attrs! { "strides" => vec![1, strides[0], strides[1], 1], "padding" => padding, "data_format" => "NHWC" },
+        )
+    }
+
+    /// Max pooling over `ksize` windows, NHWC.
+    pub fn max_pool(&self, input: Output, ksize: [i64; 2], strides: [i64; 2], padding: &str) -> Output {
+        self.core(
+            "MaxPool",
+            &[input],
+            attrs! {
+                "ksize" => vec![1, ksize[0], ksize[1], 1],
+                "strides" => vec![1, strides[0], strides[1], 1],
+                "padding" => padding,
+                "data_format" => "NHWC"
+            },
+        )
     }
 
     pub fn bias_add(&self, x: Output, bias: Output) -> Output {

@@ -22,6 +22,10 @@ struct Item {
     info: Arc<NodeInfo>,
     kernel: Kernel,
     inputs: Vec<InputSrc>,
+    /// The slots of `inputs`, for kernels that read them in place.
+    input_slots: Vec<u32>,
+    /// Some input reads a variable reference as a value (it must be read into a tensor first).
+    reads_refs: bool,
     out_base: u32,
     num_outputs: u32,
     /// Successors, one entry per edge (data or control), matching their pending counts.
@@ -36,6 +40,11 @@ pub struct Executor {
     roots: Vec<u32>,
     pending_init: Vec<u32>,
     device: Arc<dyn Device>,
+    /// When every kernel is cheap and synchronous, the nodes in dependency order: such a step
+    /// runs as a straight line on the calling thread, with no counters and no hand-offs.
+    straight: Option<Vec<u32>>,
+    /// Slot buffers of finished straight-line steps, reused so a step allocates nothing.
+    spare_slots: Mutex<Vec<Vec<Option<Value>>>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -43,6 +52,9 @@ impl std::fmt::Debug for Executor {
         write!(f, "Executor({} nodes on {})", self.items.len(), self.device.name())
     }
 }
+
+/// Slot buffers kept per executor for reuse: one per step that may run at the same time.
+const SPARE_SLOT_BUFFERS_MAX: usize = 4;
 
 /// Completion of a step's partition.
 pub type ExecutorDone = Box<dyn FnOnce(Result<()>) + Send>;
@@ -80,7 +92,7 @@ impl Executor {
             let op = ops.get(&node.op).map_err(|e| e.context(format!("node '{}'", node.name)))?;
             let input_types: Vec<TensorInfo> =
                 node.inputs.iter().map(|o| graph.node(o.node).outputs[o.index as usize].clone()).collect();
-            let inputs = node
+            let inputs: Vec<InputSrc> = node
                 .inputs
                 .iter()
                 .enumerate()
@@ -89,6 +101,12 @@ impl Executor {
                     by_ref: op.is_ref_input(k),
                 })
                 .collect();
+            let input_slots = inputs.iter().map(|s| s.slot).collect();
+            let reads_refs = node
+                .inputs
+                .iter()
+                .zip(&inputs)
+                .any(|(o, s)| !s.by_ref && graph.node(o.node).outputs[o.index as usize].is_ref);
             let kernel = kernels.create(node, &input_types, &device)?;
             let inline = match &kernel {
                 Kernel::Sync { expensive, .. } => !expensive,
@@ -103,14 +121,28 @@ impl Executor {
                 }),
                 kernel,
                 inputs,
+                input_slots,
+                reads_refs,
                 out_base: slot_base[i],
                 num_outputs: node.outputs.len() as u32,
                 out_edges: std::mem::take(&mut out_edges[i]),
                 inline,
             });
         }
-        let roots = (0..n as u32).filter(|&i| pending_init[i as usize] == 0).collect();
-        Ok(Executor { items, num_slots: num_slots as usize, roots, pending_init, device })
+        let roots: Vec<u32> = (0..n as u32).filter(|&i| pending_init[i as usize] == 0).collect();
+        let straight = items
+            .iter()
+            .all(|it| matches!(it.kernel, Kernel::Sync { expensive: false, .. }))
+            .then(|| topological_order(&items, &roots, &pending_init));
+        Ok(Executor {
+            items,
+            num_slots: num_slots as usize,
+            roots,
+            pending_init,
+            device,
+            straight,
+            spare_slots: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
@@ -133,6 +165,10 @@ impl Executor {
             done(Ok(()));
             return;
         }
+        if let Some(order) = &self.straight {
+            done(self.run_straight(order, &step, stats.as_deref()));
+            return;
+        }
         let state = Arc::new(State {
             exec: self.clone(),
             step,
@@ -153,6 +189,101 @@ impl Executor {
             }
         }
         state.run_loop(stack, false);
+    }
+}
+
+/// Kahn's order of the nodes (every node after its inputs and control inputs).
+fn topological_order(items: &[Item], roots: &[u32], pending_init: &[u32]) -> Vec<u32> {
+    let mut pending = pending_init.to_vec();
+    let mut order = Vec::with_capacity(items.len());
+    let mut stack: Vec<u32> = roots.iter().rev().copied().collect();
+    while let Some(n) = stack.pop() {
+        order.push(n);
+        for &d in items[n as usize].out_edges.iter().rev() {
+            pending[d as usize] -= 1;
+            if pending[d as usize] == 0 {
+                stack.push(d);
+            }
+        }
+    }
+    order
+}
+
+impl Executor {
+    /// Runs an all-cheap partition in dependency order on the calling thread.
+    fn run_straight(
+        &self,
+        order: &[u32],
+        step: &Arc<StepContext>,
+        stats: Option<&StepStatsCollector>,
+    ) -> Result<()> {
+        let spare = self.spare_slots.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut vals = spare.unwrap_or_else(|| vec![None; self.num_slots]);
+        let r = self.straight_steps(order, step, stats, &mut vals);
+        vals.iter_mut().for_each(|v| *v = None);
+        let mut spare = self.spare_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_SLOT_BUFFERS_MAX {
+            spare.push(vals);
+        }
+        r
+    }
+
+    fn straight_steps(
+        &self,
+        order: &[u32],
+        step: &Arc<StepContext>,
+        stats: Option<&StepStatsCollector>,
+        vals: &mut [Option<Value>],
+    ) -> Result<()> {
+        let mut inputs: Vec<Value> = Vec::new();
+        let mut outputs: Vec<Option<Value>> = Vec::new();
+        for &n in order {
+            let item = &self.items[n as usize];
+            let Kernel::Sync { kernel, .. } = &item.kernel else {
+                return Err(node_error(
+                    &item.info,
+                    Error::internal("asynchronous kernel in a straight-line step"),
+                ));
+            };
+            let start = stats.map(|_| Instant::now());
+            let r = if item.reads_refs {
+                inputs.clear();
+                for src in &item.inputs {
+                    let v = vals[src.slot as usize].as_ref().ok_or_else(|| {
+                        node_error(&item.info, Error::internal("an input was not produced"))
+                    })?;
+                    inputs.push(match (v, src.by_ref) {
+                        (Value::Ref(var), false) => {
+                            Value::Tensor(var.read().map_err(|e| node_error(&item.info, e))?)
+                        }
+                        (v, _) => v.clone(),
+                    });
+                }
+                let mut ctx = OpKernelContext::new(&item.info, step, &inputs, &mut outputs);
+                flatten_panic(catch_unwind(AssertUnwindSafe(|| kernel.compute(&mut ctx))))
+            } else {
+                let mut ctx =
+                    OpKernelContext::over_slots(&item.info, step, vals, &item.input_slots, &mut outputs);
+                flatten_panic(catch_unwind(AssertUnwindSafe(|| kernel.compute(&mut ctx))))
+            };
+            if let (Some(st), Some(start)) = (stats, start) {
+                st.record(NodeExecStats::new(&item.info, start, Instant::now()));
+            }
+            r.map_err(|e| node_error(&item.info, e))?;
+            if outputs.len() != item.num_outputs as usize {
+                return Err(node_error(
+                    &item.info,
+                    Error::internal("kernel produced the wrong number of outputs"),
+                ));
+            }
+            for (i, o) in outputs.iter_mut().enumerate() {
+                let v = o.take().ok_or_else(|| {
+                    node_error(&item.info, Error::internal(format!("kernel did not set output {i}")))
+                })?;
+                vals[item.out_base as usize + i] = Some(v);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -81,11 +81,18 @@ pub struct NodeInfo {
     pub output_types: Vec<TensorInfo>,
 }
 
+/// Where a kernel's inputs are: an explicit list, or the executor's output slots.
+#[derive(Clone, Copy)]
+pub(crate) enum Inputs<'a> {
+    Values(&'a [Value]),
+    Slots(&'a [Option<Value>], &'a [u32]),
+}
+
 /// The context of one synchronous kernel invocation.
 pub struct OpKernelContext<'a> {
     pub node: &'a NodeInfo,
     pub step: &'a Arc<StepContext>,
-    pub(crate) inputs: &'a [Value],
+    pub(crate) inputs: Inputs<'a>,
     pub(crate) outputs: &'a mut Vec<Option<Value>>,
 }
 
@@ -99,17 +106,47 @@ impl<'a> OpKernelContext<'a> {
     ) -> OpKernelContext<'a> {
         outputs.clear();
         outputs.resize(node.output_types.len(), None);
-        OpKernelContext { node, step, inputs, outputs }
+        OpKernelContext { node, step, inputs: Inputs::Values(inputs), outputs }
+    }
+
+    /// A context reading its inputs straight from the executor's slots (no copies).
+    pub(crate) fn over_slots(
+        node: &'a NodeInfo,
+        step: &'a Arc<StepContext>,
+        vals: &'a [Option<Value>],
+        slots: &'a [u32],
+        outputs: &'a mut Vec<Option<Value>>,
+    ) -> OpKernelContext<'a> {
+        // The executor takes every output it accepts, so the buffer is usually already right.
+        let n = node.output_types.len();
+        if outputs.len() != n || outputs.iter().any(Option::is_some) {
+            outputs.clear();
+            outputs.resize(n, None);
+        }
+        OpKernelContext { node, step, inputs: Inputs::Slots(vals, slots), outputs }
+    }
+
+    #[inline]
+    fn value(&self, i: usize) -> Option<&Value> {
+        match self.inputs {
+            Inputs::Values(v) => v.get(i),
+            Inputs::Slots(vals, slots) => {
+                slots.get(i).and_then(|&s| vals.get(s as usize)).and_then(|v| v.as_ref())
+            }
+        }
     }
 
     pub fn num_inputs(&self) -> usize {
-        self.inputs.len()
+        match self.inputs {
+            Inputs::Values(v) => v.len(),
+            Inputs::Slots(_, slots) => slots.len(),
+        }
     }
 
     /// Input `i` as a tensor.
     #[inline]
     pub fn input(&self, i: usize) -> Result<&Tensor> {
-        match self.inputs.get(i) {
+        match self.value(i) {
             Some(Value::Tensor(t)) => Ok(t),
             Some(Value::Ref(_)) => Err(self.error(Error::internal(format!("input {i} is a reference")))),
             None => Err(self.error(Error::internal(format!("no input {i}")))),
@@ -118,14 +155,15 @@ impl<'a> OpKernelContext<'a> {
 
     /// Input `i` as a variable reference (for `Assign`, `Apply*`).
     pub fn input_ref(&self, i: usize) -> Result<&Arc<Variable>> {
-        match self.inputs.get(i) {
+        match self.value(i) {
             Some(Value::Ref(v)) => Ok(v),
             _ => Err(self.error(Error::internal(format!("input {i} is not a reference")))),
         }
     }
 
-    pub fn inputs(&self) -> &[Value] {
-        self.inputs
+    /// Every input, in order.
+    pub fn input_values(&self) -> impl Iterator<Item = &Value> + '_ {
+        (0..self.num_inputs()).filter_map(|i| self.value(i))
     }
 
     #[inline]

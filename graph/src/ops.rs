@@ -603,6 +603,113 @@ fn infer_apply(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![ti(d, c.shape(0).clone())])
 }
 
+/// Output size of a windowed op along one dimension (TensorFlow's SAME / VALID rules).
+pub fn window_output_size(input: usize, window: usize, stride: usize, padding: &str) -> Result<usize> {
+    if stride == 0 || window == 0 {
+        return Err(bad("window and stride must be positive"));
+    }
+    match padding {
+        "VALID" => {
+            if input < window {
+                return Err(bad(format!(
+                    "window {window} is larger than the input {input} with VALID padding"
+                )));
+            }
+            Ok((input - window) / stride + 1)
+        }
+        "SAME" => Ok(input.div_ceil(stride)),
+        p => Err(bad(format!("padding must be SAME or VALID, not '{p}'"))),
+    }
+}
+
+/// `(stride_h, stride_w)` from an NHWC `strides` attr `[1, sh, sw, 1]`.
+pub fn nhwc_pair(c: &crate::Attrs, name: &str) -> Result<(usize, usize)> {
+    let v = c.ints(name)?;
+    if v.len() != 4 || v[0] != 1 || v[3] != 1 || v[1] < 1 || v[2] < 1 {
+        return Err(bad(format!("{name} must be [1, h, w, 1] with positive h, w; got {v:?}")));
+    }
+    Ok((v[1] as usize, v[2] as usize))
+}
+
+fn check_nhwc(c: &InferCtx) -> Result<()> {
+    let f = c.attrs.str_or("data_format", "NHWC");
+    if f != "NHWC" {
+        return Err(bad(format!("data_format {f} is not supported; use NHWC")));
+    }
+    Ok(())
+}
+
+fn windowed(
+    input: &PartialShape,
+    kh: Option<usize>,
+    kw: Option<usize>,
+    c: &InferCtx,
+    out_c: Option<usize>,
+) -> Result<PartialShape> {
+    let (sh, sw) = nhwc_pair(c.attrs, "strides")?;
+    let pad = c.attrs.str("padding")?;
+    let d = |x: Option<usize>, k: Option<usize>, s: usize| -> Result<Option<usize>> {
+        match (x, k) {
+            (Some(x), Some(k)) => window_output_size(x, k, s, pad).map(Some),
+            _ => Ok(None),
+        }
+    };
+    Ok(PartialShape::from(vec![input.dim(0), d(input.dim(1), kh, sh)?, d(input.dim(2), kw, sw)?, out_c]))
+}
+
+fn infer_conv2d(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(2)?;
+    check_nhwc(c)?;
+    let d = c.same_dtype(&[0, 1])?;
+    if !d.is_float() {
+        return Err(bad(format!("{d} is not a float type")));
+    }
+    c.expect_rank(0, 4)?;
+    c.expect_rank(1, 4)?;
+    let (x, f) = (c.shape(0), c.shape(1));
+    if let (Some(a), Some(b)) = (x.dim(3), f.dim(2)) {
+        if a != b {
+            return Err(bad(format!("input depth {a} does not match filter depth {b}")));
+        }
+    }
+    Ok(vec![ti(d, windowed(x, f.dim(0), f.dim(1), c, f.dim(3))?)])
+}
+
+fn infer_conv2d_backprop_input(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(3)?;
+    check_nhwc(c)?;
+    c.expect_dtype(0, DType::INDICES)?;
+    let d = c.same_dtype(&[1, 2])?;
+    Ok(vec![ti(d, shape_from_const(c, 0))])
+}
+
+fn infer_conv2d_backprop_filter(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(3)?;
+    check_nhwc(c)?;
+    c.expect_dtype(1, DType::INDICES)?;
+    let d = c.same_dtype(&[0, 2])?;
+    Ok(vec![ti(d, shape_from_const(c, 1))])
+}
+
+fn infer_max_pool(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(1)?;
+    check_nhwc(c)?;
+    let d = c.expect_dtype(0, DType::FLOATS)?;
+    c.expect_rank(0, 4)?;
+    let (kh, kw) = nhwc_pair(c.attrs, "ksize")?;
+    let x = c.shape(0);
+    Ok(vec![ti(d, windowed(x, Some(kh), Some(kw), c, x.dim(3))?)])
+}
+
+fn infer_max_pool_grad(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(3)?;
+    check_nhwc(c)?;
+    let d = c.same_dtype(&[0, 1, 2])?;
+    nhwc_pair(c.attrs, "ksize")?;
+    nhwc_pair(c.attrs, "strides")?;
+    Ok(vec![ti(d, c.shape(0).clone())])
+}
+
 macro_rules! op {
     ($name:literal, $infer:expr) => {
         OpDef { name: $name, infer: $infer, ref_inputs: &[], stateful: false }
@@ -692,6 +799,11 @@ pub const OPS: &[OpDef] = &[
     op!("AddN", infer_add_n),
     op!("BroadcastGradientArgs", infer_broadcast_args),
     op!("SumToShape", infer_sum_to_shape),
+    op!("Conv2D", infer_conv2d),
+    op!("Conv2DBackpropInput", infer_conv2d_backprop_input),
+    op!("Conv2DBackpropFilter", infer_conv2d_backprop_filter),
+    op!("MaxPool", infer_max_pool),
+    op!("MaxPoolGrad", infer_max_pool_grad),
     op!("ApplyGradientDescent", infer_apply, refs: &[0], stateful),
     op!("ApplyMomentum", infer_apply, refs: &[0, 1], stateful),
     op!("ApplyAdam", infer_apply, refs: &[0, 1, 2], stateful),

@@ -77,7 +77,11 @@ pub trait DeviceMemory: Send + Sync + fmt::Debug {
 
 #[derive(Clone)]
 enum Data {
-    Inline([u64; INLINE_BYTES / 8]),
+    /// The element bytes (the first `len` of them) stored in the value itself.
+    Inline {
+        len: u8,
+        words: [u64; INLINE_BYTES / 8],
+    },
     Host(Arc<Buffer>),
     Strings(Arc<Vec<Vec<u8>>>),
     Device(Arc<dyn DeviceMemory>),
@@ -109,7 +113,11 @@ impl Tensor {
             _ => {
                 let len = byte_len(dtype, &shape).expect("zeros: shape fits in memory");
                 if len <= INLINE_BYTES {
-                    return Tensor { dtype, shape, data: Data::Inline([0; INLINE_BYTES / 8]) };
+                    return Tensor {
+                        dtype,
+                        shape,
+                        data: Data::Inline { len: len as u8, words: [0; INLINE_BYTES / 8] },
+                    };
                 }
                 Tensor::from_buffer(dtype, shape, Buffer::zeroed(len)).expect("sizes match")
             }
@@ -142,7 +150,7 @@ impl Tensor {
     fn inline(dtype: DType, shape: Shape, bytes: &[u8]) -> Tensor {
         let mut words = [0u64; INLINE_BYTES / 8];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Tensor { dtype, shape, data: Data::Inline(words) }
+        Tensor { dtype, shape, data: Data::Inline { len: bytes.len() as u8, words } }
     }
 
     /// A tensor holding a copy of `bytes` (native-endian element bytes).
@@ -172,8 +180,13 @@ impl Tensor {
         Tensor::from_bytes(T::DTYPE, shape, bytemuck::cast_slice(values))
     }
 
+    #[inline]
     pub fn scalar<T: Element>(v: T) -> Tensor {
-        Tensor::inline(T::DTYPE, Shape::SCALAR, bytemuck::bytes_of(&v))
+        // The size is known per `T`, so this compiles to a couple of moves, not a memcpy call.
+        let mut b = [0u8; INLINE_BYTES];
+        b[..std::mem::size_of::<T>()].copy_from_slice(bytemuck::bytes_of(&v));
+        let len = std::mem::size_of::<T>() as u8;
+        Tensor { dtype: T::DTYPE, shape: Shape::SCALAR, data: Data::Inline { len, words: bytemuck::cast(b) } }
     }
 
     pub fn vector<T: Element>(values: &[T]) -> Tensor {
@@ -276,34 +289,34 @@ impl Tensor {
     }
 
     /// The element bytes of a fixed-size host tensor.
+    #[inline]
     pub fn as_bytes(&self) -> Result<&[u8]> {
-        let n = self.num_elements() * self.dtype.size().unwrap_or(0);
         match &self.data {
-            Data::Inline(w) => Ok(&bytemuck::cast_slice(w)[..n]),
+            Data::Inline { len, words } => Ok(&bytemuck::cast_slice(words)[..*len as usize]),
             Data::Host(b) => Ok(b.as_bytes()),
-            Data::Strings(_) => {
-                Err(Error::invalid_argument(format!("a {} tensor has no flat bytes", self.dtype)))
+            _ => Err(self.no_flat_bytes()),
+        }
+    }
+
+    #[cold]
+    fn no_flat_bytes(&self) -> Error {
+        match &self.data {
+            Data::Device(m) => {
+                Error::invalid_argument(format!("tensor lives on {}; copy it to the host first", m.device()))
             }
-            Data::Device(m) => Err(Error::invalid_argument(format!(
-                "tensor lives on {}; copy it to the host first",
-                m.device()
-            ))),
+            _ => Error::invalid_argument(format!("a {} tensor has no flat bytes", self.dtype)),
         }
     }
 
     /// Mutable element bytes; copies the storage first when it is shared (copy-on-write).
     pub fn as_bytes_mut(&mut self) -> Result<&mut [u8]> {
-        let n = self.num_elements() * self.dtype.size().unwrap_or(0);
+        if matches!(self.data, Data::Strings(_) | Data::Device(_)) {
+            return Err(self.no_flat_bytes());
+        }
         match &mut self.data {
-            Data::Inline(w) => Ok(&mut bytemuck::cast_slice_mut(w)[..n]),
+            Data::Inline { len, words } => Ok(&mut bytemuck::cast_slice_mut(words)[..*len as usize]),
             Data::Host(b) => Ok(Arc::make_mut(b).as_bytes_mut()),
-            Data::Strings(_) => {
-                Err(Error::invalid_argument(format!("a {} tensor has no flat bytes", self.dtype)))
-            }
-            Data::Device(m) => Err(Error::invalid_argument(format!(
-                "tensor lives on {}; copy it to the host first",
-                m.device()
-            ))),
+            _ => Err(Error::internal("unreachable storage kind")),
         }
     }
 
@@ -313,10 +326,11 @@ impl Tensor {
             Data::Host(b) => Arc::strong_count(b) > 1,
             Data::Strings(s) => Arc::strong_count(s) > 1,
             Data::Device(m) => Arc::strong_count(m) > 1,
-            Data::Inline(_) => false,
+            Data::Inline { .. } => false,
         }
     }
 
+    #[inline]
     fn check_dtype<T: Element>(&self) -> Result<()> {
         if self.dtype != T::DTYPE {
             return Err(Error::invalid_argument(format!(
@@ -344,6 +358,19 @@ impl Tensor {
 
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         Ok(self.as_slice::<T>()?.to_vec())
+    }
+
+    /// The value of a scalar of element type `T` stored inline, without any checks beyond that
+    /// (the fast path of tiny kernels); `None` for anything else.
+    #[inline]
+    pub fn inline_scalar<T: Element>(&self) -> Option<T> {
+        match &self.data {
+            Data::Inline { words, .. } if self.dtype == T::DTYPE && self.shape.rank() == 0 => {
+                let bytes: &[u8] = bytemuck::cast_slice(words);
+                Some(bytemuck::pod_read_unaligned(&bytes[..std::mem::size_of::<T>()]))
+            }
+            _ => None,
+        }
     }
 
     /// The single value of a one-element tensor.

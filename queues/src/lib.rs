@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod accumulator;
 mod coord;
 pub mod crc32c;
 mod decode;
@@ -26,6 +27,11 @@ pub use queue_ops::{
     queue_size, random_shuffle_queue, QueueOptions,
 };
 
+pub use accumulator::{
+    accumulator_apply_gradient, accumulator_num_accumulated, accumulator_set_global_step,
+    accumulator_take_gradient, accumulator_take_gradient_dynamic, conditional_accumulator,
+    conditional_accumulator_with, lookup_accumulator, ConditionalAccumulator, Reduction, TakeDone,
+};
 pub use coord::{
     batch, batch_join, input_producer, preload, shuffle_batch, start_queue_runners, string_input_producer,
     BatchOptions, Coordinator, ProducerOptions, QueueRunner,
@@ -81,6 +87,11 @@ pub const OPS: &[OpDef] = &[
     stateful!("ReaderSerializeStateV2", readers::infer_reader_serialize),
     stateful!("ReaderRestoreStateV2", readers::infer_reader_no_output),
     stateful!("InputProducerEpoch", coord::infer_input_producer_epoch),
+    stateful!("ConditionalAccumulator", accumulator::infer_accumulator),
+    stateful!("AccumulatorApplyGradient", accumulator::infer_apply_gradient),
+    stateful!("AccumulatorTakeGradient", accumulator::infer_take_gradient),
+    stateful!("AccumulatorNumAccumulated", accumulator::infer_num_accumulated),
+    stateful!("AccumulatorSetGlobalStep", accumulator::infer_set_global_step),
     stateless!("DecodeCSV", decode::infer_decode_csv),
     stateless!("DecodeRaw", decode::infer_decode_raw),
     stateless!("ParseExample", decode::infer_parse_example),
@@ -112,6 +123,11 @@ pub const KERNELS: &[KernelDef] = &[
     KernelDef::new("ReaderSerializeStateV2", "CPU", readers::create_reader_query),
     KernelDef::new("ReaderRestoreStateV2", "CPU", readers::create_reader_query),
     KernelDef::new("InputProducerEpoch", "CPU", coord::create_input_producer_epoch),
+    KernelDef::new("ConditionalAccumulator", "CPU", accumulator::create_accumulator),
+    KernelDef::new("AccumulatorApplyGradient", "CPU", accumulator::create_apply_gradient),
+    KernelDef::new("AccumulatorTakeGradient", "CPU", accumulator::create_take_gradient),
+    KernelDef::new("AccumulatorNumAccumulated", "CPU", accumulator::create_num_accumulated),
+    KernelDef::new("AccumulatorSetGlobalStep", "CPU", accumulator::create_set_global_step),
     KernelDef::new("DecodeCSV", "CPU", decode::create_decode_csv),
     KernelDef::new("DecodeRaw", "CPU", decode::create_decode_raw),
     KernelDef::new("ParseExample", "CPU", decode::create_parse_example),

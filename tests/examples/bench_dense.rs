@@ -12,8 +12,9 @@ fn session(g: &Graph, intra: usize) -> rill_graph::Result<DirectSession> {
         intra_op_parallelism_threads: intra,
         ..Default::default()
     };
+    let init = g.global_variables_initializer();
     let s = DirectSession::new(g, &rt, opts)?;
-    s.run(&[], &[], &[g.global_variables_initializer()], &RunOptions::default())?;
+    s.run(&[], &[], &[init], &RunOptions::default())?;
     Ok(s)
 }
 

@@ -212,9 +212,27 @@ fn binary_typed<T: Num>(pool: &dyn IntraOpPool, op: BinOp, a: &Tensor, b: &Tenso
     Ok(out)
 }
 
+/// The f32 scalar case, the most common tiny op (loop counters, learning rates, chains of
+/// scalars): no broadcasting and no buffer, just the value.
+fn scalar_f32(op: BinOp, a: &Tensor, b: &Tensor) -> Option<Tensor> {
+    let (p, q) = (a.inline_scalar::<f32>()?, b.inline_scalar::<f32>()?);
+    let r = match op {
+        BinOp::Add => p + q,
+        BinOp::Sub => p - q,
+        BinOp::Mul => p * q,
+        BinOp::Div => p / q,
+        _ => return None,
+    };
+    Some(Tensor::scalar(r))
+}
+
 impl OpKernel for BinaryK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
         let (a, b) = (ctx.input(0)?, ctx.input(1)?);
+        if let Some(t) = scalar_f32(self.op, a, b) {
+            ctx.set_output(0, t);
+            return Ok(());
+        }
         if a.dtype() != b.dtype() {
             return Err(Error::invalid_argument(format!(
                 "inputs have different dtypes: {} and {}",

@@ -2,7 +2,7 @@
 //! the CPU has it), f16/bf16 through f32, and a plain row-parallel loop for f64 and integers.
 
 use super::{for_chunks, unsupported, Arith, Num};
-use rill_graph::device::parallel_chunks_mut;
+use rill_graph::device::{parallel_chunks_mut, InlinePool};
 use rill_graph::half::{bf16, f16};
 use rill_graph::{
     AttrsExt, DType, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext, Result, Shape, Tensor,
@@ -22,13 +22,17 @@ const NC: usize = 2048;
 /// A matrix operand as stored (row-major, `ld` elements per stored row), read through an
 /// optional transpose.
 #[derive(Clone, Copy)]
-struct Operand<'a, T> {
+pub(crate) struct Operand<'a, T> {
     data: &'a [T],
     ld: usize,
     trans: bool,
 }
 
-impl<T: Copy> Operand<'_, T> {
+impl<'a, T: Copy> Operand<'a, T> {
+    pub(crate) fn new(data: &'a [T], ld: usize, trans: bool) -> Operand<'a, T> {
+        Operand { data, ld, trans }
+    }
+
     /// Element (row, col) of the operand as used in the product.
     #[inline(always)]
     fn at(&self, r: usize, c: usize) -> T {
@@ -190,6 +194,37 @@ fn gemm_f32(
     }
 }
 
+/// `C (m×n) += op(A) × op(B)` on the calling thread, for kernels that split their work over the
+/// pool themselves (convolutions); f32 through the blocked micro-kernel.
+pub(crate) fn gemm_serial<T: Num>(a: Operand<'_, T>, b: Operand<'_, T>, k: usize, c: &mut [T], n: usize) {
+    if T::DTYPE != DType::F32 {
+        return gemm_plain(&InlinePool, a, b, k, c, n);
+    }
+    let a = Operand { data: bytemuck::cast_slice::<T, f32>(a.data), ld: a.ld, trans: a.trans };
+    let b = Operand { data: bytemuck::cast_slice::<T, f32>(b.data), ld: b.ld, trans: b.trans };
+    let c = bytemuck::cast_slice_mut::<T, f32>(c);
+    if c.is_empty() || k == 0 {
+        return;
+    }
+    let simd = has_avx2_fma();
+    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    for j0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - j0);
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            // The packers write every element, padding included: resizing needs no clearing.
+            pb.resize(nc.div_ceil(NR) * NR * kc, 0.0);
+            pack_b(&b, p0, kc, j0, nc, &mut pb);
+            for (i, rows) in c.chunks_mut(MC * n).enumerate() {
+                let rc = rows.len() / n;
+                pa.resize(rc.div_ceil(MR) * MR * kc, 0.0);
+                pack_a(&a, i * MC, rc, p0, kc, &mut pa);
+                run_block(simd, &pa, &pb, kc, rows, n, j0, nc);
+            }
+        }
+    }
+}
+
 /// `C += op(A) × op(B)` for f64 and integers: op(B) made row-major once, then rows of C
 /// accumulate rows of B (a loop over contiguous memory that vectorises).
 fn gemm_plain<T: Num>(
@@ -208,7 +243,9 @@ fn gemm_plain<T: Num>(
         let i0 = off / n;
         let mut acc = vec![T::A::ZERO; n];
         for (r, row) in rows.chunks_exact_mut(n).enumerate() {
-            acc.fill(T::A::ZERO);
+            for (s, d) in acc.iter_mut().zip(row.iter()) {
+                *s = d.load();
+            }
             for p in 0..k {
                 let x = a.at(i0 + r, p).load();
                 for (s, &y) in acc.iter_mut().zip(&bm[p * n..(p + 1) * n]) {
@@ -250,7 +287,7 @@ fn dims(a: &Shape, b: &Shape, ta: bool, tb: bool) -> Result<(usize, usize, usize
     Ok((m, ka, n))
 }
 
-fn widen<T: Num<A = f32>>(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn widen<T: Num<A = f32>>(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.as_slice::<T>()?.iter().map(|v| v.load()).collect())
 }
 

@@ -4,6 +4,7 @@
 //! compute type; integer ops wrap on overflow, as TensorFlow's do.
 
 mod cast;
+mod conv;
 mod elementwise;
 mod matmul;
 mod misc;
@@ -490,6 +491,12 @@ pub const KERNELS: &[KernelDef] = &[
         Input(0),
         &[DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64]
     ),
+    // convolution and pooling
+    k!("Conv2D", conv::create_conv, Input(0), FLOATS),
+    k!("Conv2DBackpropInput", conv::create_conv, Input(1), FLOATS),
+    k!("Conv2DBackpropFilter", conv::create_conv, Input(0), FLOATS),
+    k!("MaxPool", conv::create_pool, Input(0), FLOATS),
+    k!("MaxPoolGrad", conv::create_pool, Input(0), FLOATS),
     // reductions
     k!("Sum", reduce::create_reduce, Input(0), NUMBERS),
     k!("Mean", reduce::create_reduce, Input(0), NUMBERS),

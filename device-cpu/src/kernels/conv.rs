@@ -1,0 +1,579 @@
+//! Conv2D, its two backprops, MaxPool and MaxPoolGrad, NHWC: the convolutions im2col a block of
+//! output rows into a scratch buffer and multiply it with the blocked GEMM of `matmul.rs`, in
+//! parallel over batch × row blocks; f16 and bf16 are computed in f32.
+
+use super::matmul::{gemm_serial, widen, Operand};
+use super::{int_vector, unsupported, Arith, Num};
+use rill_graph::device::{chunk_len, parallel_chunks_mut};
+use rill_graph::half::{bf16, f16};
+use rill_graph::ops::{nhwc_pair, window_output_size};
+use rill_graph::{
+    dispatch_float, AttrsExt, DType, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext,
+    Result, Shape, Tensor,
+};
+use std::ops::Range;
+
+/// Elements of one im2col block: 512 KiB of f32 stays in L2 while the GEMM reads it, and still
+/// holds enough output positions to amortise packing the filter.
+const SCRATCH_ELEMENTS: usize = 128 * 1024;
+/// Multiply-adds below which a block of rows is not worth handing to another thread.
+const PARALLEL_MIN_COST: usize = 256 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Padding {
+    Same,
+    Valid,
+}
+
+impl Padding {
+    fn as_str(self) -> &'static str {
+        match self {
+            Padding::Same => "SAME",
+            Padding::Valid => "VALID",
+        }
+    }
+}
+
+/// The attrs every op here shares: strides, padding and an NHWC data format.
+#[derive(Clone, Copy, Debug)]
+struct WindowAttrs {
+    strides: (usize, usize),
+    padding: Padding,
+}
+
+impl WindowAttrs {
+    fn parse(init: &KernelInit<'_>) -> Result<WindowAttrs> {
+        let a = init.attrs();
+        let format = a.str_or("data_format", "NHWC");
+        if format != "NHWC" {
+            return Err(Error::invalid_argument(format!("data_format {format} is not supported; use NHWC")));
+        }
+        if let Ok(d) = a.ints("dilations") {
+            if d.iter().any(|&x| x != 1) {
+                return Err(Error::invalid_argument(format!("dilations {d:?} are not supported; use 1")));
+            }
+        }
+        let padding = match a.str("padding")? {
+            "SAME" => Padding::Same,
+            "VALID" => Padding::Valid,
+            p => return Err(Error::invalid_argument(format!("padding must be SAME or VALID, not '{p}'"))),
+        };
+        Ok(WindowAttrs { strides: nhwc_pair(a, "strides")?, padding })
+    }
+}
+
+/// The sizes of one windowed op over an NHWC input; `out_c` is the filter's output depth for
+/// the convolutions and the input depth for pooling.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    batch: usize,
+    in_h: usize,
+    in_w: usize,
+    in_c: usize,
+    k_h: usize,
+    k_w: usize,
+    out_c: usize,
+    out_h: usize,
+    out_w: usize,
+    stride_h: usize,
+    stride_w: usize,
+    pad_top: usize,
+    pad_left: usize,
+}
+
+impl Geom {
+    fn new(input: &Shape, window: (usize, usize), out_c: usize, attrs: WindowAttrs) -> Result<Geom> {
+        if input.rank() != 4 {
+            return Err(Error::invalid_argument(format!("input must be 4-dimensional (NHWC), is {input}")));
+        }
+        let (k_h, k_w) = window;
+        let (stride_h, stride_w) = attrs.strides;
+        let p = attrs.padding.as_str();
+        let (in_h, in_w) = (input.dim(1), input.dim(2));
+        let out_h = window_output_size(in_h, k_h, stride_h, p)?;
+        let out_w = window_output_size(in_w, k_w, stride_w, p)?;
+        // TensorFlow pads the smaller half before (top, left).
+        let before = |out: usize, k: usize, s: usize, x: usize| match attrs.padding {
+            Padding::Same => (out.saturating_sub(1) * s + k).saturating_sub(x) / 2,
+            Padding::Valid => 0,
+        };
+        Ok(Geom {
+            batch: input.dim(0),
+            in_h,
+            in_w,
+            in_c: input.dim(3),
+            k_h,
+            k_w,
+            out_c,
+            out_h,
+            out_w,
+            stride_h,
+            stride_w,
+            pad_top: before(out_h, k_h, stride_h, in_h),
+            pad_left: before(out_w, k_w, stride_w, in_w),
+        })
+    }
+
+    /// Length of one patch: a row of the im2col matrix, a row of the filter as a matrix.
+    fn patch_len(&self) -> usize {
+        self.k_h * self.k_w * self.in_c
+    }
+
+    fn in_image(&self) -> usize {
+        self.in_h * self.in_w * self.in_c
+    }
+
+    fn out_row(&self) -> usize {
+        self.out_w * self.out_c
+    }
+
+    fn in_shape(&self) -> [usize; 4] {
+        [self.batch, self.in_h, self.in_w, self.in_c]
+    }
+
+    fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.out_h, self.out_w, self.out_c]
+    }
+
+    /// The input row under window row `kh` of output row `oh`, unless it is padding.
+    #[inline]
+    fn in_row(&self, oh: usize, kh: usize) -> Option<usize> {
+        (oh * self.stride_h + kh).checked_sub(self.pad_top).filter(|&r| r < self.in_h)
+    }
+
+    /// The window columns of output column `ow` that fall inside the input, and the input
+    /// column of the first of them.
+    #[inline]
+    fn in_cols(&self, ow: usize) -> (Range<usize>, usize) {
+        let left = ow * self.stride_w;
+        let lo = self.pad_left.saturating_sub(left).min(self.k_w);
+        let hi = (self.in_w + self.pad_left).saturating_sub(left).clamp(lo, self.k_w);
+        (lo..hi, (left + lo).saturating_sub(self.pad_left))
+    }
+
+    /// The output rows whose windows cover some of input rows `rows`.
+    fn out_rows_touching(&self, rows: Range<usize>) -> Range<usize> {
+        // oh·s + kh − pad ∈ rows for some kh < k_h.
+        let lo = (rows.start + self.pad_top + 1).saturating_sub(self.k_h).div_ceil(self.stride_h);
+        let hi = (rows.end + self.pad_top).div_ceil(self.stride_h).min(self.out_h);
+        lo.min(hi)..hi
+    }
+
+    /// Output rows per im2col block.
+    fn block_rows(&self) -> usize {
+        (SCRATCH_ELEMENTS / (self.out_w * self.patch_len()).max(1)).max(1)
+    }
+}
+
+/// Runs `f(image, rows, block)` over a `[batch, rows_per_image, row_len]` array in blocks of
+/// whole rows that never span two images, on the pool when `row_cost` (multiply-adds per row)
+/// makes that worth it.
+fn for_image_rows<T: Send>(
+    pool: &dyn IntraOpPool,
+    out: &mut [T],
+    rows_per_image: usize,
+    row_len: usize,
+    row_cost: usize,
+    f: impl Fn(usize, Range<usize>, &mut [T]) + Sync,
+) {
+    if out.is_empty() || row_len == 0 || rows_per_image == 0 {
+        return;
+    }
+    let total_rows = out.len() / row_len;
+    let rows = chunk_len(pool, total_rows, PARALLEL_MIN_COST.div_ceil(row_cost.max(1)));
+    parallel_chunks_mut(pool, out, rows * row_len, |off, chunk| {
+        let (mut at, end) = (off / row_len, (off + chunk.len()) / row_len);
+        let mut rest = chunk;
+        while at < end {
+            let (image, r0) = (at / rows_per_image, at % rows_per_image);
+            let r1 = rows_per_image.min(r0 + end - at);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut((r1 - r0) * row_len);
+            f(image, r0..r1, head);
+            rest = tail;
+            at += r1 - r0;
+        }
+    });
+}
+
+/// Writes the patches of output rows `rows` of one image into `cols` (one row of `patch_len`
+/// per output position, in the filter's `[kh, kw, c]` order), zeros over the padding.
+fn im2col<E: Num + Arith>(g: &Geom, image: &[E], rows: Range<usize>, cols: &mut [E]) {
+    let c = g.in_c;
+    let mut patches = cols.chunks_exact_mut(g.patch_len());
+    for oh in rows {
+        for ow in 0..g.out_w {
+            let Some(patch) = patches.next() else { return };
+            let (kws, iw0) = g.in_cols(ow);
+            for (kh, dst) in patch.chunks_exact_mut(g.k_w * c).enumerate() {
+                match g.in_row(oh, kh) {
+                    // Window columns inside the input are contiguous in both layouts.
+                    Some(ih) if !kws.is_empty() => {
+                        let (pre, rest) = dst.split_at_mut(kws.start * c);
+                        let (mid, post) = rest.split_at_mut(kws.len() * c);
+                        pre.fill(E::ZERO);
+                        mid.copy_from_slice(&image[(ih * g.in_w + iw0) * c..][..mid.len()]);
+                        post.fill(E::ZERO);
+                    }
+                    _ => dst.fill(E::ZERO),
+                }
+            }
+        }
+    }
+}
+
+/// Adds the patches of output rows `rows` (as `im2col` lays them out) into the input rows
+/// `in_rows` of one image's gradient `dst`; patch parts over other rows are left to their
+/// owners.
+fn col2im<E: Num + Arith>(g: &Geom, cols: &[E], rows: Range<usize>, in_rows: Range<usize>, dst: &mut [E]) {
+    let c = g.in_c;
+    let mut patches = cols.chunks_exact(g.patch_len());
+    for oh in rows {
+        for ow in 0..g.out_w {
+            let Some(patch) = patches.next() else { return };
+            let (kws, iw0) = g.in_cols(ow);
+            for (kh, src) in patch.chunks_exact(g.k_w * c).enumerate() {
+                let Some(ih) = g.in_row(oh, kh).filter(|r| in_rows.contains(r)) else { continue };
+                let src = &src[kws.start * c..kws.end * c];
+                let at = ((ih - in_rows.start) * g.in_w + iw0) * c;
+                for (d, &s) in dst[at..at + src.len()].iter_mut().zip(src) {
+                    *d = d.add(s);
+                }
+            }
+        }
+    }
+}
+
+/// `out = conv2d(x, filter)`; `out` is zeroed.
+fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E], out: &mut [E]) {
+    let k = g.patch_len();
+    if k == 0 {
+        return;
+    }
+    for_image_rows(pool, out, g.out_h, g.out_row(), g.out_w * k * g.out_c, |n, rows, dst| {
+        let image = &x[n * g.in_image()..][..g.in_image()];
+        let mut cols = Vec::new();
+        for r0 in rows.clone().step_by(g.block_rows()) {
+            let r1 = rows.end.min(r0 + g.block_rows());
+            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
+            im2col(g, image, r0..r1, &mut cols);
+            let c = &mut dst[(r0 - rows.start) * g.out_row()..(r1 - rows.start) * g.out_row()];
+            gemm_serial(Operand::new(&cols, k, false), Operand::new(filter, g.out_c, false), k, c, g.out_c);
+        }
+    });
+}
+
+/// `dx = col2im(dy × filterᵀ)`, split over blocks of input rows; each block recomputes the
+/// patches of the output rows it shares with its neighbours instead of locking. `dx` is zeroed.
+fn conv2d_backprop_input<E: Num + Arith>(
+    pool: &dyn IntraOpPool,
+    g: &Geom,
+    filter: &[E],
+    dy: &[E],
+    dx: &mut [E],
+) {
+    let k = g.patch_len();
+    let row_cost = g.out_w * k * g.out_c * g.out_h / g.in_h.max(1);
+    for_image_rows(pool, dx, g.in_h, g.in_w * g.in_c, row_cost, |n, in_rows, dst| {
+        let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
+        let touched = g.out_rows_touching(in_rows.clone());
+        let mut cols = Vec::new();
+        for r0 in touched.clone().step_by(g.block_rows()) {
+            let r1 = touched.end.min(r0 + g.block_rows());
+            cols.clear();
+            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
+            let a = Operand::new(&dy[r0 * g.out_row()..r1 * g.out_row()], g.out_c, false);
+            gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, &mut cols, k);
+            col2im(g, &cols, r0..r1, in_rows.clone(), dst);
+        }
+    });
+}
+
+/// `dfilter = Σ im2col(x)ᵀ × dy`: one partial sum per thread over its share of the output rows,
+/// added in a fixed order so the result does not depend on scheduling. `df` is zeroed.
+fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], dy: &[E], df: &mut [E]) {
+    let (k, size) = (g.patch_len(), df.len());
+    let total_rows = g.batch * g.out_h;
+    if size == 0 || total_rows == 0 || g.out_w == 0 {
+        return;
+    }
+    let min_rows = PARALLEL_MIN_COST.div_ceil((g.out_w * k * g.out_c).max(1));
+    let per = total_rows.div_ceil(pool.num_threads().max(1)).max(min_rows);
+    let parts = total_rows.div_ceil(per);
+    let mut partials = vec![E::ZERO; parts * size];
+    parallel_chunks_mut(pool, &mut partials, size, |off, acc| {
+        let part = off / size;
+        let (mut at, end) = (part * per, ((part + 1) * per).min(total_rows));
+        let mut cols = Vec::new();
+        while at < end {
+            let (n, r0) = (at / g.out_h, at % g.out_h);
+            let r1 = g.out_h.min(r0 + g.block_rows()).min(r0 + end - at);
+            let image = &x[n * g.in_image()..][..g.in_image()];
+            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
+            im2col(g, image, r0..r1, &mut cols);
+            let b = Operand::new(&dy[at * g.out_row()..(at + r1 - r0) * g.out_row()], g.out_c, false);
+            gemm_serial(Operand::new(&cols, k, true), b, (r1 - r0) * g.out_w, acc, g.out_c);
+            at += r1 - r0;
+        }
+    });
+    for part in partials.chunks_exact(size) {
+        for (d, &s) in df.iter_mut().zip(part) {
+            *d = d.add(s);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ConvOp {
+    /// `Conv2D(input, filter)`.
+    Forward,
+    /// `Conv2DBackpropInput(input_sizes, filter, out_backprop)`.
+    BackpropInput,
+    /// `Conv2DBackpropFilter(input, filter_sizes, out_backprop)`.
+    BackpropFilter,
+}
+
+impl ConvOp {
+    fn run<E: Num + Arith>(self, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) {
+        match self {
+            ConvOp::Forward => conv2d(pool, g, a, b, out),
+            ConvOp::BackpropInput => conv2d_backprop_input(pool, g, a, b, out),
+            ConvOp::BackpropFilter => conv2d_backprop_filter(pool, g, a, b, out),
+        }
+    }
+}
+
+struct ConvK {
+    op: ConvOp,
+    attrs: WindowAttrs,
+}
+
+pub fn create_conv(init: &KernelInit<'_>) -> Result<Kernel> {
+    let op = match init.node.op.as_str() {
+        "Conv2D" => ConvOp::Forward,
+        "Conv2DBackpropInput" => ConvOp::BackpropInput,
+        "Conv2DBackpropFilter" => ConvOp::BackpropFilter,
+        other => return Err(Error::internal(format!("no convolution kernel for {other}"))),
+    };
+    Ok(Kernel::expensive(ConvK { op, attrs: WindowAttrs::parse(init)? }))
+}
+
+/// A `[N, H, W, C]` size from an int32/int64 vector input.
+fn sizes4(t: &Tensor, what: &str) -> Result<Shape> {
+    let v = int_vector(t, what)?;
+    if v.len() != 4 || v.iter().any(|&d| d < 0) {
+        return Err(Error::invalid_argument(format!("{what} must be 4 non-negative sizes, is {v:?}")));
+    }
+    Shape::new(&v.iter().map(|&d| d as usize).collect::<Vec<_>>())
+}
+
+fn expect_shape(what: &str, got: &Shape, want: [usize; 4]) -> Result<()> {
+    if got.dims() != want {
+        return Err(Error::invalid_argument(format!("{what} has shape {got}, expected {want:?}")));
+    }
+    Ok(())
+}
+
+/// The geometry of a convolution from its input and filter shapes, with TensorFlow's checks.
+fn conv_geom(x: &Shape, f: &Shape, attrs: WindowAttrs) -> Result<Geom> {
+    if x.rank() != 4 || f.rank() != 4 {
+        return Err(Error::invalid_argument(format!(
+            "input and filter must be 4-dimensional, are {x} and {f}"
+        )));
+    }
+    if x.dim(3) != f.dim(2) {
+        return Err(Error::invalid_argument(format!(
+            "input and filter must have the same depth: {} vs {}",
+            x.dim(3),
+            f.dim(2)
+        )));
+    }
+    Geom::new(x, (f.dim(0), f.dim(1)), f.dim(3), attrs)
+}
+
+/// Runs `op` in the compute type of `dtype` (f16 and bf16 widened to f32) into a zeroed output.
+fn run_conv(
+    op: ConvOp,
+    pool: &dyn IntraOpPool,
+    g: &Geom,
+    a: &Tensor,
+    b: &Tensor,
+    out: Shape,
+) -> Result<Tensor> {
+    fn native<E: Num + Arith>(
+        op: ConvOp,
+        pool: &dyn IntraOpPool,
+        g: &Geom,
+        a: &Tensor,
+        b: &Tensor,
+        out: Shape,
+    ) -> Result<Tensor> {
+        let mut t = Tensor::try_zeros(E::DTYPE, out)?;
+        op.run::<E>(pool, g, a.as_slice()?, b.as_slice()?, t.as_mut_slice()?);
+        Ok(t)
+    }
+    fn half<T: Num<A = f32>>(
+        op: ConvOp,
+        pool: &dyn IntraOpPool,
+        g: &Geom,
+        a: &Tensor,
+        b: &Tensor,
+        out: Shape,
+    ) -> Result<Tensor> {
+        let mut o = vec![0f32; out.checked_num_elements()?];
+        op.run::<f32>(pool, g, &widen::<T>(a)?, &widen::<T>(b)?, &mut o);
+        Tensor::new(out, &o.into_iter().map(T::store).collect::<Vec<T>>())
+    }
+    match a.dtype() {
+        DType::F32 => native::<f32>(op, pool, g, a, b, out),
+        DType::F64 => native::<f64>(op, pool, g, a, b, out),
+        DType::F16 => half::<f16>(op, pool, g, a, b, out),
+        DType::BF16 => half::<bf16>(op, pool, g, a, b, out),
+        d => Err(unsupported("Conv2D", d)),
+    }
+}
+
+impl OpKernel for ConvK {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        let (i0, i1) = (ctx.input(0)?, ctx.input(1)?);
+        let (a, b, g, out) = match self.op {
+            ConvOp::Forward => {
+                let g = conv_geom(i0.shape(), i1.shape(), self.attrs)?;
+                (i0, i1, g, Shape::new(&g.out_shape())?)
+            }
+            ConvOp::BackpropInput => {
+                let (sizes, dy) = (sizes4(i0, "input_sizes")?, ctx.input(2)?);
+                let g = conv_geom(&sizes, i1.shape(), self.attrs)?;
+                expect_shape("out_backprop", dy.shape(), g.out_shape())?;
+                (i1, dy, g, sizes)
+            }
+            ConvOp::BackpropFilter => {
+                let (sizes, dy) = (sizes4(i1, "filter_sizes")?, ctx.input(2)?);
+                let g = conv_geom(i0.shape(), &sizes, self.attrs)?;
+                expect_shape("out_backprop", dy.shape(), g.out_shape())?;
+                (i0, dy, g, sizes)
+            }
+        };
+        if a.dtype() != b.dtype() {
+            return Err(Error::invalid_argument(format!(
+                "{} of {} and {}",
+                ctx.node.op,
+                a.dtype(),
+                b.dtype()
+            )));
+        }
+        let out = run_conv(self.op, ctx.intra_op(), &g, a, b, out)?;
+        ctx.set_output(0, out);
+        Ok(())
+    }
+}
+
+/// The pooling window `(kh, kw)` and the shared attrs.
+struct PoolK {
+    ksize: (usize, usize),
+    attrs: WindowAttrs,
+}
+
+pub fn create_pool(init: &KernelInit<'_>) -> Result<Kernel> {
+    let ksize = nhwc_pair(init.attrs(), "ksize")?;
+    Ok(Kernel::expensive(PoolK { ksize, attrs: WindowAttrs::parse(init)? }))
+}
+
+/// The largest value of each channel in the window of output position (`oh`, `ow`), and where it
+/// is (`ih·W + iw`): the first maximum in window order, TensorFlow's tie rule. Padding never wins.
+fn window_max<T: Num>(g: &Geom, image: &[T], oh: usize, ow: usize, best: &mut [T::A], at: &mut [usize]) {
+    let c = g.in_c;
+    best.fill(T::A::LOWEST);
+    at.fill(usize::MAX);
+    let (kws, iw0) = g.in_cols(ow);
+    for kh in 0..g.k_h {
+        let Some(ih) = g.in_row(oh, kh) else { continue };
+        for iw in iw0..iw0 + kws.len() {
+            let pos = ih * g.in_w + iw;
+            for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(&image[pos * c..(pos + 1) * c]) {
+                let v = v.load();
+                if v > *b || *a == usize::MAX {
+                    *b = v;
+                    *a = pos;
+                }
+            }
+        }
+    }
+}
+
+fn max_pool<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], out: &mut [T]) {
+    let c = g.in_c;
+    let row_cost = g.out_row() * g.k_h * g.k_w;
+    for_image_rows(pool, out, g.out_h, g.out_row(), row_cost, |n, rows, dst| {
+        let image = &x[n * g.in_image()..][..g.in_image()];
+        let (mut best, mut at) = (vec![T::A::LOWEST; c], vec![0; c]);
+        for (oh, row) in rows.zip(dst.chunks_exact_mut(g.out_row())) {
+            for (ow, px) in row.chunks_exact_mut(c).enumerate() {
+                window_max::<T>(g, image, oh, ow, &mut best, &mut at);
+                for (d, &b) in px.iter_mut().zip(&best) {
+                    *d = T::store(b);
+                }
+            }
+        }
+    });
+}
+
+/// Routes each gradient to the maximum of its window, split over blocks of input rows; each
+/// block recomputes the maxima of windows it shares with its neighbours.
+fn max_pool_grad<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx: &mut [T]) {
+    let (c, in_row) = (g.in_c, g.in_w * g.in_c);
+    let row_cost = g.out_row() * g.k_h * g.k_w * g.out_h / g.in_h.max(1);
+    for_image_rows(pool, dx, g.in_h, in_row, row_cost, |n, in_rows, dst| {
+        let image = &x[n * g.in_image()..][..g.in_image()];
+        let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
+        let mut acc = vec![T::A::ZERO; dst.len()];
+        let (mut best, mut at) = (vec![T::A::LOWEST; c], vec![0; c]);
+        let first = in_rows.start * g.in_w;
+        for oh in g.out_rows_touching(in_rows.clone()) {
+            for ow in 0..g.out_w {
+                window_max::<T>(g, image, oh, ow, &mut best, &mut at);
+                let grad = &dy[(oh * g.out_w + ow) * c..][..c];
+                for (ch, (&pos, &gr)) in at.iter().zip(grad).enumerate() {
+                    if in_rows.contains(&(pos / g.in_w)) {
+                        let d = &mut acc[(pos - first) * c + ch];
+                        *d = d.add(gr.load());
+                    }
+                }
+            }
+        }
+        for (d, &s) in dst.iter_mut().zip(&acc) {
+            *d = T::store(s);
+        }
+    });
+}
+
+impl OpKernel for PoolK {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        let x = ctx.input(0)?;
+        let c = if x.shape().rank() == 4 { x.shape().dim(3) } else { 0 };
+        let g = Geom::new(x.shape(), self.ksize, c, self.attrs)?;
+        let pool = ctx.intra_op();
+        let out = if ctx.node.op == "MaxPoolGrad" {
+            let (y, dy) = (ctx.input(1)?, ctx.input(2)?);
+            expect_shape("orig_output", y.shape(), g.out_shape())?;
+            expect_shape("grad", dy.shape(), g.out_shape())?;
+            if x.dtype() != dy.dtype() {
+                return Err(Error::invalid_argument(format!(
+                    "MaxPoolGrad of {} and {}",
+                    x.dtype(),
+                    dy.dtype()
+                )));
+            }
+            let mut dx = Tensor::try_zeros(x.dtype(), Shape::new(&g.in_shape())?)?;
+            dispatch_float!(x.dtype(), T => max_pool_grad::<T>(pool, &g, x.as_slice()?, dy.as_slice()?, dx.as_mut_slice()?),
+                _ => return Err(unsupported("MaxPoolGrad", x.dtype())));
+            dx
+        } else {
+            let mut out = Tensor::try_zeros(x.dtype(), Shape::new(&g.out_shape())?)?;
+            dispatch_float!(x.dtype(), T => max_pool::<T>(pool, &g, x.as_slice()?, out.as_mut_slice()?),
+                _ => return Err(unsupported("MaxPool", x.dtype())));
+            out
+        };
+        ctx.set_output(0, out);
+        Ok(())
+    }
+}
