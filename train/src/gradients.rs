@@ -89,6 +89,8 @@ pub const GRADIENTS: &[(&str, GradFn)] = &[
     ("SoftmaxCrossEntropyWithLogits", grad_xent),
     ("SparseSoftmaxCrossEntropyWithLogits", grad_sparse_xent),
     ("AddN", grad_add_n),
+    ("Conv2D", grad_conv2d),
+    ("MaxPool", grad_max_pool),
 ];
 
 fn grad_fn(op: &str) -> Option<GradFn> {
@@ -740,4 +742,25 @@ fn grad_sparse_xent(ctx: &GradCtx<'_>, grads: &[Option<Output>]) -> Result<Vec<O
 fn grad_add_n(ctx: &GradCtx<'_>, grads: &[Option<Output>]) -> Result<Vec<Option<Output>>> {
     let dy = dy0(ctx, grads)?;
     Ok(vec![Some(dy); ctx.node.inputs.len()])
+}
+
+/// The forward node's own attrs (strides, padding, data format...), which its gradient ops take
+/// as they are; internal attrs such as colocation stay behind.
+fn forward_attrs(ctx: &GradCtx<'_>) -> rill_graph::Attrs {
+    ctx.node.attrs.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn grad_conv2d(ctx: &GradCtx<'_>, grads: &[Option<Output>]) -> Result<Vec<Option<Output>>> {
+    let (g, dy) = (ctx.g, dy0(ctx, grads)?);
+    let (x, f) = (ctx.x(0), ctx.x(1));
+    let op = rill_graph::ops::core_op;
+    let dx = g.custom(op("Conv2DBackpropInput"), "", &[shape_tensor(g, x), f, dy], forward_attrs(ctx));
+    let df = g.custom(op("Conv2DBackpropFilter"), "", &[x, shape_tensor(g, f), dy], forward_attrs(ctx));
+    Ok(vec![Some(dx), Some(df)])
+}
+
+fn grad_max_pool(ctx: &GradCtx<'_>, grads: &[Option<Output>]) -> Result<Vec<Option<Output>>> {
+    let (g, dy) = (ctx.g, dy0(ctx, grads)?);
+    let inputs = [ctx.x(0), ctx.y(0), dy];
+    Ok(vec![Some(g.custom(rill_graph::ops::core_op("MaxPoolGrad"), "", &inputs, forward_attrs(ctx)))])
 }

@@ -3,18 +3,31 @@
 
 #![deny(unsafe_code)]
 
+pub mod device_setter;
+pub mod digits;
 pub mod gradients;
+pub mod hparam;
+pub mod models;
+pub mod monitored;
 pub mod optimizer;
+pub mod replication;
+pub mod resolver;
 pub mod saver;
+pub mod serving;
 pub mod summary;
+pub mod sync_replicas;
 
+pub use device_setter::{replica_device_setter, PsStrategy, ReplicaDeviceSetterOptions, STANDARD_PS_OPS};
 pub use gradients::{gradients, GradFn, GRADIENTS};
+pub use monitored::{MonitoredSession, MonitoredSessionOptions, Scaffold, SessionFactory};
 pub use optimizer::{
     create_global_step, exponential_decay, global_step, Adam, GradientDescent, LearningRate, Momentum,
     Optimizer, RMSProp,
 };
+pub use resolver::{resolve, ResolvedCluster, ResolverOptions};
 pub use saver::{latest_checkpoint, Saver, SaverOptions};
 pub use summary::FileWriter;
+pub use sync_replicas::{ChiefLoop, ChiefLoopOptions, SyncReplicasOps, SyncReplicasOptimizer};
 
 use rill_graph::Runtime;
 use std::sync::Arc;

@@ -146,6 +146,34 @@ fn matmul_and_nn() {
 }
 
 #[test]
+fn conv_and_pool() {
+    let f = [3, 3, 2, 3];
+    check("Conv2D SAME", F64, &[(&[1, 5, 5, 2], ANY), (&f, ANY)], |g, x| {
+        g.conv2d(x[0], x[1], [1, 1], "SAME")
+    });
+    check("Conv2D VALID", F64, &[(&[1, 5, 5, 2], ANY), (&f, ANY)], |g, x| {
+        g.conv2d(x[0], x[1], [1, 1], "VALID")
+    });
+    check("Conv2D SAME stride 2", F64, &[(&[2, 5, 4, 2], ANY), (&f, ANY)], |g, x| {
+        g.conv2d(x[0], x[1], [2, 2], "SAME")
+    });
+    check("Conv2D VALID stride 2", F64, &[(&[1, 6, 5, 2], ANY), (&f, ANY)], |g, x| {
+        g.conv2d(x[0], x[1], [2, 2], "VALID")
+    });
+    // Random inputs have no ties, so the maximum of each window is differentiable.
+    check("MaxPool SAME", F64, &[(&[1, 5, 5, 2], ANY)], |g, x| g.max_pool(x[0], [3, 3], [1, 1], "SAME"));
+    check("MaxPool VALID stride 2", F64, &[(&[2, 5, 5, 2], ANY)], |g, x| {
+        g.max_pool(x[0], [2, 2], [2, 2], "VALID")
+    });
+    check("MaxPool SAME stride 2", F64, &[(&[1, 5, 6, 3], ANY)], |g, x| {
+        g.max_pool(x[0], [3, 2], [2, 2], "SAME")
+    });
+    check("conv, relu, pool", F64, &[(&[1, 5, 5, 2], ANY), (&f, ANY)], |g, x| {
+        g.max_pool(g.relu(g.conv2d(x[0], x[1], [1, 1], "SAME")), [2, 2], [2, 2], "SAME")
+    });
+}
+
+#[test]
 fn reductions_and_shapes() {
     check("Sum axis 0", F64, &[(&[2, 3], ANY)], |g, x| g.reduce_sum(x[0], &[0], false));
     check("Sum all", F64, &[(&[2, 3], ANY)], |g, x| g.reduce_sum(x[0], &[], false));
