@@ -153,7 +153,7 @@ impl Graph {
             attrs! { "dtype" => info.dtype, "shape" => shape.clone() },
         );
         let var_name = self.node_name(var.node);
-        let init = self.with_control_dependencies(&[], |g| {
+        let init = self.without_control_dependencies(|g| {
             g.colocate_with(var, |g| {
                 g.core_named(
                     "Assign",

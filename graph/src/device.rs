@@ -115,6 +115,12 @@ pub trait Device: Send + Sync {
     /// The pool for parallel work inside one kernel.
     fn intra_op(&self) -> &dyn IntraOpPool;
 
+    /// A tensor for a kernel to fill completely: its contents are unspecified (zeros, or the
+    /// bytes of an earlier tensor when the device recycles memory).
+    fn allocate(&self, dtype: crate::DType, shape: crate::Shape) -> Result<Tensor> {
+        Tensor::try_zeros(dtype, shape)
+    }
+
     /// A host copy of a tensor in this device's memory (identity for host devices).
     fn to_host(&self, t: &Tensor) -> Result<Tensor> {
         if t.is_host() {

@@ -387,6 +387,15 @@ impl Graph {
         r
     }
 
+    /// Runs `f` with no control dependencies from enclosing scopes (TF's
+    /// `control_dependencies(None)`): variables and their initial values are made this way.
+    pub fn without_control_dependencies<R>(&self, f: impl FnOnce(&Graph) -> R) -> R {
+        let saved = std::mem::take(&mut self.inner.borrow_mut().scopes.control);
+        let r = f(self);
+        self.inner.borrow_mut().scopes.control = saved;
+        r
+    }
+
     /// Runs `f` with new nodes colocated with `op` (same device, placed as one group).
     pub fn colocate_with<R>(&self, op: Output, f: impl FnOnce(&Graph) -> R) -> R {
         let prev = self.inner.borrow_mut().scopes.colocate.replace(op.node);

@@ -183,6 +183,12 @@ impl<'a> OpKernelContext<'a> {
         &self.step.device
     }
 
+    /// An output tensor that the kernel overwrites entirely (contents unspecified), from the
+    /// device's allocator.
+    pub fn allocate_output(&self, dtype: DType, shape: crate::Shape) -> Result<Tensor> {
+        self.step.device.allocate(dtype, shape)
+    }
+
     pub fn resource_mgr(&self) -> &ResourceMgr {
         self.step.device.resource_mgr()
     }

@@ -64,6 +64,12 @@ pub fn prune_and_rewrite(
             )));
         }
     }
+    // A node all of whose outputs are fed is replaced by the feeds: control edges from it wait
+    // for its first `_Arg` instead, and it never runs.
+    let fully_fed = |id: NodeId| {
+        let outs = full.nodes[id.0 as usize].outputs.len();
+        outs > 0 && (0..outs as u32).all(|i| fed.contains_key(&Output::new(id, i)))
+    };
     // Backward reachability, not crossing fed edges.
     let mut needed = vec![false; n];
     let mut stack: Vec<usize> = Vec::new();
@@ -84,7 +90,7 @@ pub fn prune_and_rewrite(
                 stack.push(inp.node.0 as usize);
             }
         }
-        stack.extend(node.control_inputs.iter().map(|c| c.0 as usize));
+        stack.extend(node.control_inputs.iter().filter(|c| !fully_fed(**c)).map(|c| c.0 as usize));
     }
     let mut new_id = vec![u32::MAX; n];
     let mut nodes = Vec::new();
@@ -140,7 +146,14 @@ pub fn prune_and_rewrite(
             ins.push(remap(o, &name, by_ref)?);
         }
         node.inputs = ins;
-        node.control_inputs = node.control_inputs.iter().map(|c| NodeId(new_id[c.0 as usize])).collect();
+        node.control_inputs = node
+            .control_inputs
+            .iter()
+            .map(|c| match fully_fed(*c) {
+                true => NodeId(arg_node[&Output::new(*c, 0)]),
+                false => NodeId(new_id[c.0 as usize]),
+            })
+            .collect();
     }
     for (j, f) in fetches.iter().enumerate() {
         let input = remap(f, "fetch", false)?;

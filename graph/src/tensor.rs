@@ -12,24 +12,47 @@ pub const BUFFER_ALIGN: usize = 64;
 /// Tensors of at most this many bytes are stored inside the `Tensor` value, with no allocation.
 pub const INLINE_BYTES: usize = 16;
 
-/// A 64-byte-aligned, zero-initialised host buffer of `len` bytes.
+/// Takes back the bytes of dropped buffers for reuse (a device's caching allocator).
+pub trait BufferRecycler: Send + Sync {
+    fn recycle(&self, bytes: Vec<u8>);
+}
+
+/// A 64-byte-aligned host buffer of `len` bytes.
 ///
-/// The bytes live in a `Vec<u8>` allocated zeroed with byte alignment, so large buffers come
-/// straight from the allocator's fresh zero pages (`calloc`) with no memset; the buffer starts at
-/// the first 64-byte boundary inside that allocation.
+/// The bytes live in a `Vec<u8>`; the buffer starts at the first 64-byte boundary inside it.
+/// Fresh buffers are allocated zeroed with byte alignment, so large ones come straight from the
+/// allocator's zero pages (`calloc`) with no memset. A buffer made from a recycler's bytes goes
+/// back to that recycler when dropped, so large tensors of a training loop reuse their memory
+/// instead of faulting in fresh pages every step.
 pub struct Buffer {
     bytes: Vec<u8>,
     offset: usize,
     len: usize,
+    recycler: Option<Arc<dyn BufferRecycler>>,
+}
+
+fn align_offset(bytes: &[u8]) -> usize {
+    let addr = bytes.as_ptr() as usize;
+    (BUFFER_ALIGN - addr % BUFFER_ALIGN) % BUFFER_ALIGN
 }
 
 impl Buffer {
     /// A zeroed buffer.
     pub fn zeroed(len: usize) -> Buffer {
         let bytes = vec![0u8; len + BUFFER_ALIGN - 1];
-        let addr = bytes.as_ptr() as usize;
-        let offset = (BUFFER_ALIGN - addr % BUFFER_ALIGN) % BUFFER_ALIGN;
-        Buffer { bytes, offset, len }
+        Buffer { offset: align_offset(&bytes), bytes, len, recycler: None }
+    }
+
+    /// Bytes needed in a `Vec` to hold an aligned buffer of `len` bytes.
+    pub fn capacity_for(len: usize) -> usize {
+        len + BUFFER_ALIGN - 1
+    }
+
+    /// A buffer over reused bytes (contents unspecified) that returns them to `recycler` when
+    /// dropped; `None` when `bytes` is too short for `len` aligned bytes.
+    pub fn from_recycled(bytes: Vec<u8>, len: usize, recycler: Arc<dyn BufferRecycler>) -> Option<Buffer> {
+        let offset = align_offset(&bytes);
+        (offset + len <= bytes.len()).then_some(Buffer { bytes, offset, len, recycler: Some(recycler) })
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -51,6 +74,14 @@ impl Buffer {
     #[inline]
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         &mut self.bytes[self.offset..self.offset + self.len]
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(r) = self.recycler.take() {
+            r.recycle(std::mem::take(&mut self.bytes));
+        }
     }
 }
 

@@ -85,7 +85,12 @@ pub trait Optimizer {
                 "No gradients provided for any variable: {names:?}"
             )));
         }
-        let mut deps = self.build_updates(g, &present, name)?;
+        // No variable changes before every gradient of the step is computed: gradient ops read
+        // the weights (MatMul's needs the other operand), and they must see the same weights as
+        // the forward pass did, not ones another update of this step already changed.
+        let grads: Vec<Output> = present.iter().map(|(gr, _)| *gr).collect();
+        let ready = g.group(&format!("{name}/gradients_ready"), &grads);
+        let mut deps = g.with_control_dependencies(&[ready], |g| self.build_updates(g, &present, name))?;
         if let Some(step) = global_step {
             let one = scalar_of(g, 1.0, g.dtype(step));
             let inc = g.with_control_dependencies(&deps, |g| {
@@ -124,14 +129,17 @@ pub fn create_slot(g: &Graph, var: &VariableInfo, opt: &str, value: f64) -> Resu
         name = format!("{base}_{k}");
     }
     let opts = VariableOptions { trainable: false, global: true, validate_shape: true };
-    let slot = g.colocate_with(var.var, |g| {
-        let init = match var.shape.to_shape() {
-            Some(s) => g.fill(s, crate::gradients::scalar_tensor(value, var.dtype)),
-            // Unknown shapes take the shape of the variable's initial value.
-            None if value == 0.0 => g.zeros_like(var.initial_value),
-            None => g.mul(g.ones_like(var.initial_value), scalar_of(g, value, var.dtype)),
-        };
-        g.variable_with(&name, init, opts)
+    // Slots are state, not part of the step that creates them: no control dependencies.
+    let slot = g.without_control_dependencies(|g| {
+        g.colocate_with(var.var, |g| {
+            let init = match var.shape.to_shape() {
+                Some(s) => g.fill(s, crate::gradients::scalar_tensor(value, var.dtype)),
+                // Unknown shapes take the shape of the variable's initial value.
+                None if value == 0.0 => g.zeros_like(var.initial_value),
+                None => g.mul(g.ones_like(var.initial_value), scalar_of(g, value, var.dtype)),
+            };
+            g.variable_with(&name, init, opts)
+        })
     });
     g.status()?;
     Ok(slot)
@@ -140,7 +148,9 @@ pub fn create_slot(g: &Graph, var: &VariableInfo, opt: &str, value: f64) -> Resu
 /// A non-trainable scalar variable colocated with `anchor` (Adam's `beta1_power`, ...).
 fn scalar_variable(g: &Graph, anchor: &VariableInfo, name: &str, value: f64) -> Output {
     let opts = VariableOptions { trainable: false, global: true, validate_shape: true };
-    g.colocate_with(anchor.var, |g| g.variable_with(name, scalar_of(g, value, anchor.dtype), opts))
+    g.without_control_dependencies(|g| {
+        g.colocate_with(anchor.var, |g| g.variable_with(name, scalar_of(g, value, anchor.dtype), opts))
+    })
 }
 
 fn apply_op(

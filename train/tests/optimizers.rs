@@ -183,3 +183,23 @@ fn kernel_refuses_a_variable_as_its_own_slot() {
     assert_eq!(e.code, Code::InvalidArgument, "{e}");
     assert!(e.msg.contains("variable w is passed as both"), "{e}");
 }
+
+#[test]
+fn updates_wait_for_every_gradient_of_the_step() {
+    // loss = w2 · (w1 · x): dL/dw1 = w2 · x needs w2 as it was before this step's update.
+    for _ in 0..20 {
+        let g = Graph::new();
+        let w1 = g.variable("w1", g.scalar(2f32));
+        let w2 = g.variable("w2", g.scalar(3f32));
+        let loss = g.mul(w2, g.mul(w1, g.scalar(1f32)));
+        let train = GradientDescent::new(1.0).minimize(&g, loss, None).unwrap();
+        let init = g.global_variables_initializer();
+        let (r1, r2) = (g.identity(w1), g.identity(w2));
+        let sess = session(&g, &standard_runtime());
+        run(&sess, &[], &[], &[init]);
+        run(&sess, &[], &[], &[train]);
+        let got: Vec<f32> =
+            run(&sess, &[], &[r1, r2], &[]).iter().map(|t| t.scalar_value::<f32>().unwrap()).collect();
+        assert_eq!(got, vec![2.0 - 3.0, 3.0 - 2.0]);
+    }
+}
