@@ -7,6 +7,7 @@ pub mod device_setter;
 pub mod digits;
 pub mod gradients;
 pub mod hparam;
+pub mod job;
 pub mod models;
 pub mod monitored;
 pub mod optimizer;

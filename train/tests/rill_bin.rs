@@ -108,7 +108,13 @@ fn bad_input_exits_non_zero_with_a_message() {
     let one = "worker=127.0.0.1:1";
     let cases: &[(&[&str], &[(&str, &str)], i32, &str)] = &[
         (&[], &[], 2, "usage: rill COMMAND"),
-        (&["train"], &[], 2, "unknown command 'train' (commands: server, cluster)"),
+        (&["fly"], &[], 2, "unknown command 'fly' (commands: server, cluster, train)"),
+        (
+            &["train", "--cluster", "worker=127.0.0.1:1", "--job", "worker", "--mode", "never"],
+            &[],
+            2,
+            "--mode 'never' is not sync or async",
+        ),
         (&["cluster", "--bogus"], &[], 2, "cluster: unknown flag '--bogus'"),
         (&["cluster", "stray"], &[], 2, "unexpected argument 'stray'"),
         (&["cluster", "--job"], &[], 2, "--job needs a value"),

@@ -117,6 +117,11 @@ impl Conn {
         self.enqueue(frame, kind, u64::MAX)
     }
 
+    /// Bytes queued for writing.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
     /// Writes queued frames with gather writes until the queue is empty or the socket is full.
     pub fn flush(&mut self) -> std::io::Result<()> {
         while !self.queue.is_empty() {

@@ -174,6 +174,9 @@ struct Shared {
     limits: Limits,
     next_call_id: AtomicU64,
     shutdown: AtomicBool,
+    /// Bytes written to and read from every socket of this transport (frames included).
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
 }
 
 impl Shared {
@@ -244,6 +247,8 @@ impl Transport {
             limits,
             next_call_id: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
         });
         let identity = Identity {
             cluster_id: opts.cluster_id,
@@ -282,6 +287,11 @@ impl Transport {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// `(sent, received)` bytes over every connection so far.
+    pub fn bytes_transferred(&self) -> (u64, u64) {
+        (self.shared.bytes_sent.load(Ordering::Relaxed), self.shared.bytes_received.load(Ordering::Relaxed))
     }
 
     /// Dials `addr` and runs the handshake, all before `deadline`.
@@ -728,7 +738,10 @@ impl Loop {
 
     /// Flushes, then keeps the connection (with write interest only if bytes remain) or closes it.
     fn finish_io(&mut self, token: Token, mut conn: Conn) {
-        if let Err(e) = conn.flush() {
+        let queued = conn.queued_bytes();
+        let flushed = conn.flush();
+        self.shared.bytes_sent.fetch_add(queued.saturating_sub(conn.queued_bytes()), Ordering::Relaxed);
+        if let Err(e) = flushed {
             self.drop_conn(conn, Error::unavailable(format!("writing: {e}")));
             return;
         }
@@ -763,6 +776,7 @@ impl Loop {
                     Some(n) => n,
                     None => return Ok(false),
                 };
+                self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 budget = budget.saturating_sub(n);
                 if let Some(frame) = conn.decoder.advance_body(n) {
                     self.on_frame(token, conn, frame)?;
@@ -773,6 +787,7 @@ impl Loop {
                 Some(n) => n,
                 None => return Ok(false),
             };
+            self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
             budget = budget.saturating_sub(n);
             let mut off = 0;
             // Each turn consumes bytes or stops; a frame has at least its 32-byte header.

@@ -129,6 +129,11 @@ impl Server {
         cv.notify_all();
     }
 
+    /// `(sent, received)` bytes of this task's connections so far.
+    pub fn bytes_transferred(&self) -> (u64, u64) {
+        self.transport.bytes_transferred()
+    }
+
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.transport.local_addr()
     }

@@ -1,12 +1,14 @@
 //! `cargo xtask`: the project's task runner, in plain Rust with the standard library.
 //!
 //! - `cargo xtask ci`: format check, clippy with warnings denied, and the whole test suite.
-//! - `cargo xtask demo`: the README's main job.
+//! - `cargo xtask demo [--workers N] [--ps N] [--mode sync|async] [--steps N] [--model mlp|cnn]`:
+//!   the README's main job, a local cluster training the digits model.
 //! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
 //! - `cargo xtask gpu-check`: the one script for a machine with a GPU ("no GPU" is a failure).
 //! - `cargo xtask ptx`: regenerates the committed PTX from `device-cuda/cuda/*.cu`.
 
 mod bench;
+mod demo;
 
 use std::process::{Command, ExitCode};
 
@@ -42,12 +44,6 @@ fn ci() -> Result<(), String> {
     let mut test = cargo();
     test.args(["test", "--workspace"]);
     step("test", test)
-}
-
-fn demo(args: &[String]) -> Result<(), String> {
-    let mut run = cargo();
-    run.args(["run", "--release", "-p", "rill-tests", "--example", "readme", "--"]).args(args);
-    step("demo", run)
 }
 
 /// Builds, runs the GPU tests with "no GPU" turned into a failure, then the self-check program
@@ -86,7 +82,7 @@ fn main() -> ExitCode {
     let Some(cmd) = args.first() else { return usage() };
     let r = match cmd.as_str() {
         "ci" => ci(),
-        "demo" => demo(&args[1..]),
+        "demo" => demo::demo(&workspace_root(), &cargo, &args[1..]),
         "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
         "gpu-check" => gpu_check(),
         "ptx" => ptx(),

@@ -23,6 +23,7 @@ const THREADS_MAX: usize = 4096;
 const COMMANDS: &[(&str, &str)] = &[
     ("server", "run one task of a cluster until SIGTERM or SIGINT (server.join())"),
     ("cluster", "print the resolved cluster, one task per line, and this task's role"),
+    ("train", "run one task of a training job on the digits model (worker: trains; ps: serves)"),
 ];
 
 /// A flag: its name, the name of its value (`None`: it takes none), and its usage line.
@@ -52,6 +53,16 @@ const SERVER_FLAGS: &[Flag] = &[
     flag("--secret-file", Some("F"), "shared secret for the handshake (mode 600 or stricter)"),
     flag("--inter-op", Some("N"), "inter-op threads of the task's devices (0: one per core)"),
     flag("--intra-op", Some("N"), "intra-op threads of the task's devices (0: one per core)"),
+];
+
+const TRAIN_FLAGS: &[Flag] = &[
+    flag("--mode", Some("sync|async"), "how workers combine gradients (default sync)"),
+    flag("--steps", Some("N"), "global steps to train (default 400)"),
+    flag("--model", Some("mlp|cnn"), "the model (default mlp)"),
+    flag("--batch", Some("N"), "examples per step and worker (default 64)"),
+    flag("--workers", Some("N"), "workers in the job, for sync (default: the cluster's worker tasks)"),
+    flag("--out", Some("DIR"), "where the chief writes events, the trace and checkpoints"),
+    flag("--log-every", Some("N"), "a PROGRESS line every N local steps (default 20)"),
 ];
 
 /// Why the program stops: bad usage (exit 2, with a hint) or a failure (exit 1).
@@ -186,7 +197,12 @@ fn cmd_cluster(args: &[String]) -> Result<(), Failure> {
 }
 
 fn cmd_server(args: &[String]) -> Result<(), Failure> {
-    let p = parse_flags("server", args, &[CLUSTER_FLAGS, SERVER_FLAGS])?;
+    serve(&parse_flags("server", args, &[CLUSTER_FLAGS, SERVER_FLAGS])?)
+}
+
+/// Runs this task's server until SIGTERM or SIGINT.
+fn serve(p: &Parsed) -> Result<(), Failure> {
+    let p = p.clone();
     let r = resolved(&p)?;
     let mut def = r.server_def()?;
     if let Some(f) = text(&p, "--secret-file") {
@@ -248,6 +264,68 @@ fn stop_on_signal(signals: SigSet, slot: Arc<Mutex<Option<Arc<Server>>>>) {
     std::process::exit(1);
 }
 
+fn cmd_train(args: &[String]) -> Result<(), Failure> {
+    use rill_train::job::{run_worker, Mode, ModelKind, TrainOptions};
+    let p = parse_flags("train", args, &[CLUSTER_FLAGS, SERVER_FLAGS, TRAIN_FLAGS])?;
+    let r = resolved(&p)?;
+    if r.job != "worker" {
+        // Parameter servers of a job only serve.
+        return serve(&p);
+    }
+    let mut o = TrainOptions {
+        workers: r.cluster.num_tasks("worker"),
+        ps_tasks: r.cluster.num_tasks("ps").max(1),
+        ..Default::default()
+    };
+    o.mode = match text(&p, "--mode").as_deref() {
+        None | Some("sync") => Mode::Sync,
+        Some("async") => Mode::Async,
+        Some(m) => return Err(Failure::Usage(format!("--mode '{m}' is not sync or async"))),
+    };
+    o.model = match text(&p, "--model").as_deref() {
+        None | Some("mlp") => ModelKind::Mlp,
+        Some("cnn") => ModelKind::Cnn,
+        Some(m) => return Err(Failure::Usage(format!("--model '{m}' is not mlp or cnn"))),
+    };
+    o.steps = number(&p, "--steps", "a step count")?.unwrap_or(o.steps);
+    o.batch_size = number(&p, "--batch", "a batch size")?.unwrap_or(o.batch_size);
+    o.workers = number(&p, "--workers", "a worker count")?.unwrap_or(o.workers);
+    o.log_every = number(&p, "--log-every", "a step count")?.unwrap_or(o.log_every).max(1);
+    if let Some(d) = text(&p, "--out") {
+        o.out_dir = PathBuf::from(d);
+    }
+    let mut def = r.server_def()?;
+    if let Some(f) = text(&p, "--secret-file") {
+        def.secret = Some(read_secret(Path::new(&f))?);
+    }
+    if let Some(n) = threads(&p, "--inter-op")? {
+        def.default_session_options.inter_op_parallelism_threads = n;
+    }
+    if let Some(n) = threads(&p, "--intra-op")? {
+        def.default_session_options.intra_op_parallelism_threads = n;
+    }
+    println!("rill: {}", r.describe());
+    let server = Server::start(def, rill_train::standard_runtime())
+        .map_err(|e| e.context(format!("starting {}", r.task_name())))?;
+    let report = run_worker(&server, r.task_index, &o)?;
+    let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    println!(
+        "DONE task={} steps={} global_step={} loss={:.4} examples_per_sec={:.0} bytes_per_step={:.0} accuracy={} trace={} events={} checkpoint={}",
+        r.task_index,
+        report.local_steps,
+        report.global_step,
+        report.final_loss,
+        report.examples_per_sec,
+        report.bytes_per_step,
+        report.test_accuracy.map(|a| format!("{a:.4}")).unwrap_or_default(),
+        show(&report.trace),
+        show(&report.events),
+        show(&report.checkpoint),
+    );
+    server.stop();
+    Ok(())
+}
+
 fn flag_line(f: &Flag) -> String {
     let left = match f.value {
         Some(v) => format!("{} {v}", f.name),
@@ -265,8 +343,12 @@ fn usage() -> String {
     for f in CLUSTER_FLAGS {
         s.push_str(&flag_line(f));
     }
-    s.push_str("\nserver flags:\n");
+    s.push_str("\nserver flags (server and train):\n");
     for f in SERVER_FLAGS {
+        s.push_str(&flag_line(f));
+    }
+    s.push_str("\ntrain flags:\n");
+    for f in TRAIN_FLAGS {
         s.push_str(&flag_line(f));
     }
     s
@@ -282,7 +364,7 @@ fn main() {
     let r = match cmd.as_str() {
         "server" => cmd_server(rest),
         "cluster" => cmd_cluster(rest),
-        // New subcommands (`rill train`, ...) go here and in COMMANDS.
+        "train" => cmd_train(rest),
         "help" | "--help" | "-h" => {
             print!("{}", usage());
             Ok(())
