@@ -22,7 +22,11 @@ fn missing_driver_library_is_unavailable() {
 
 #[test]
 fn default_factory_gives_gpus_or_unavailable() {
-    match CudaDeviceFactory::new().create_devices(&SessionOptions::default(), &task()) {
+    // Growth, not the default 90% reservation: other tests of this binary hold GPU memory at
+    // the same time, as two TensorFlow processes on one GPU would.
+    let mut opts = SessionOptions::default();
+    opts.gpu_options.allow_growth = true;
+    match CudaDeviceFactory::new().create_devices(&opts, &task()) {
         Ok(devs) => {
             assert!(!devs.is_empty());
             for (i, d) in devs.iter().enumerate() {
