@@ -47,6 +47,25 @@ const PAIRS: &[(&str, &str, bool)] = &[
     ("matmul_f32_1024[intra=2]", "matmul_f32_1024[intra=2]", true),
     ("matmul_f32_2048[intra=2]", "matmul_f32_2048[intra=2]", true),
     ("add_f32_16M[intra=2]", "add_f32_16M[intra=2]", true),
+    ("local_single_session_steps[const]", "local_single_session_steps[const]", true),
+    ("fifo_int64_enq+deq_same_run", "fifo_int64_enq+deq_same_run", true),
+    ("fifo_int64_enq_run_then_deq_run", "fifo_int64_enq_run_then_deq_run", true),
+    (
+        "FIFOQueue_int64_enq_many+deq_many1000_same_run",
+        "FIFOQueue_int64_enq_many+deq_many1000_same_run",
+        true,
+    ),
+    ("FIFOQueue_int64_dequeue_many1000_only", "FIFOQueue_int64_dequeue_many1000_only", true),
+    (
+        "RandomShuffleQueue_int64_enq_many+deq_many1000_same_run",
+        "RandomShuffleQueue_int64_enq_many+deq_many1000_same_run",
+        true,
+    ),
+    (
+        "PaddingFIFOQueue_int64_enq_many+deq_many1000_same_run",
+        "PaddingFIFOQueue_int64_enq_many+deq_many1000_same_run",
+        true,
+    ),
 ];
 
 /// Parses `RESULT name = value unit ...` lines (values may carry thousands separators).
@@ -109,7 +128,7 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
         i += 1;
     }
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "rill-tests", "--examples"]);
+    build.args(["build", "--release", "-p", "rill-tests", "-p", "rill-queues", "--examples"]);
     crate::step("build benchmarks", build)?;
     let mut ours = BTreeMap::new();
     let mut theirs = BTreeMap::new();
