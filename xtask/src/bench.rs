@@ -30,6 +30,21 @@ const PROGRAMS: &[Program] = &[
         args: &[],
         peer: Some(("bench_dense.py", &["2"])),
     },
+    Program {
+        name: "mlp",
+        package: "rill-tests",
+        example: "bench_mlp",
+        args: &["10"],
+        peer: Some(("train_worker.py", &["local", "10", "const"])),
+    },
+    Program {
+        name: "queues",
+        package: "rill-queues",
+        example: "bench_queues",
+        args: &[],
+        peer: Some(("bench_queues.py", &[])),
+    },
+    Program { name: "cnn", package: "rill-tests", example: "bench_cnn", args: &[], peer: None },
 ];
 
 /// rill result name → (peer result name, higher is better).
