@@ -187,7 +187,14 @@ pub fn run_worker(server: &Server, task: u32, o: &TrainOptions) -> Result<TrainR
             Ok(v) => v,
             // In sync mode the last round may never come for a worker once the goal is reached.
             Err(e) if e.code == Code::DeadlineExceeded && report.global_step + 1 >= o.steps => break,
-            Err(e) => return Err(e.context(format!("worker {task} at local step {}", report.local_steps))),
+            Err(e) => {
+                // The chief's update loop may have failed first: its error is the cause.
+                coord.request_stop(None);
+                if let Err(cause) = coord.join(Duration::from_secs(2)) {
+                    return Err(cause.context(format!("worker {task}: the chief's update loop failed")));
+                }
+                return Err(e.context(format!("worker {task} at local step {}", report.local_steps)));
+            }
         };
         report.local_steps += 1;
         report.final_loss = out[0].scalar_value::<f32>()?;
