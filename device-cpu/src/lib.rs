@@ -3,15 +3,17 @@
 
 #![deny(unsafe_code)]
 
+pub mod alloc;
 pub mod kernels;
 pub mod pool;
 
+pub use alloc::BufferPool;
 pub use kernels::KERNELS;
 pub use pool::ThreadPool;
 
 use rill_graph::{
-    Device, DeviceAttributes, DeviceFactory, DeviceName, IntraOpPool, ResourceMgr, Result, Runtime,
-    SessionOptions, Task,
+    DType, Device, DeviceAttributes, DeviceFactory, DeviceName, IntraOpPool, ResourceMgr, Result, Runtime,
+    SessionOptions, Shape, Task, Tensor,
 };
 use std::any::Any;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ pub struct CpuDevice {
     resources: ResourceMgr,
     inter: Arc<ThreadPool>,
     intra: Arc<ThreadPool>,
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for CpuDevice {
@@ -32,8 +35,18 @@ impl std::fmt::Debug for CpuDevice {
 }
 
 impl CpuDevice {
-    /// A device named `name` on the given pools.
+    /// A device named `name` on the given pools, with its own buffer pool.
     pub fn new(name: DeviceName, inter: Arc<ThreadPool>, intra: Arc<ThreadPool>) -> CpuDevice {
+        CpuDevice::with_buffers(name, inter, intra, BufferPool::new(alloc::POOL_MAX_BYTES))
+    }
+
+    /// A device named `name` on the given thread pools, allocating large outputs from `buffers`.
+    pub fn with_buffers(
+        name: DeviceName,
+        inter: Arc<ThreadPool>,
+        intra: Arc<ThreadPool>,
+        buffers: Arc<BufferPool>,
+    ) -> CpuDevice {
         CpuDevice {
             attrs: DeviceAttributes {
                 name,
@@ -49,19 +62,27 @@ impl CpuDevice {
             resources: ResourceMgr::new(),
             inter,
             intra,
+            buffers,
         }
     }
 
-    /// `n` CPU devices under `task` sharing pools sized by the options.
+    /// The caching allocator behind `allocate`.
+    pub fn buffers(&self) -> &Arc<BufferPool> {
+        &self.buffers
+    }
+
+    /// `n` CPU devices under `task` sharing thread pools sized by the options and one buffer pool.
     pub fn create(opts: &SessionOptions, task: &DeviceName, n: usize) -> Vec<Arc<dyn Device>> {
         let inter = Arc::new(ThreadPool::new("rill-inter", opts.inter_op_threads()));
         let intra = Arc::new(ThreadPool::new("rill-intra", opts.intra_op_threads().saturating_sub(1)));
+        let buffers = BufferPool::new(alloc::POOL_MAX_BYTES);
         (0..n)
             .map(|i| {
                 let mut name = task.clone();
                 name.device_type = Some("CPU".into());
                 name.id = Some(i as u32);
-                Arc::new(CpuDevice::new(name, inter.clone(), intra.clone())) as Arc<dyn Device>
+                let d = CpuDevice::with_buffers(name, inter.clone(), intra.clone(), buffers.clone());
+                Arc::new(d) as Arc<dyn Device>
             })
             .collect()
     }
@@ -79,6 +100,9 @@ impl Device for CpuDevice {
     }
     fn intra_op(&self) -> &dyn IntraOpPool {
         &*self.intra
+    }
+    fn allocate(&self, dtype: DType, shape: Shape) -> Result<Tensor> {
+        self.buffers.allocate(dtype, shape)
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -401,6 +401,30 @@ fn matmul_matches_reference() {
     }
 }
 
+#[test]
+fn matmul_f32_around_block_boundaries() {
+    // Sizes on both sides of the micro-tile (6×16), depth-block (256) and A-block (144 rows)
+    // edges, each dimension swept with the other two small, transpose flags rotating; then
+    // products large enough for the pool and, the last, for packing B in column groups.
+    const EDGES: [usize; 16] = [1, 5, 6, 7, 15, 16, 17, 63, 64, 65, 255, 256, 257, 383, 384, 385];
+    let mut cases: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &s) in EDGES.iter().enumerate() {
+        let (x, y) = (EDGES[(i * 5 + 3) % 16].min(17), EDGES[(i * 7 + 1) % 16].min(65));
+        cases.extend([(s, x, y), (x, s, y), (y, x, s)]);
+    }
+    cases.extend([(145, 257, 33), (289, 513, 47), (385, 300, 130), (7, 385, 11_000)]);
+    let mut rng = Rng(29);
+    for (i, &(m, k, n)) in cases.iter().enumerate() {
+        let (ta, tb) = (i % 2 == 1, i % 4 >= 2);
+        let a = make(DType::F32, &if ta { [k, m] } else { [m, k] }, &rng.values(m * k, -1.0, 1.0));
+        let b = make(DType::F32, &if tb { [n, k] } else { [k, n] }, &rng.values(k * n, -1.0, 1.0));
+        let want = matmul_ref(&a.to_f64_vec().unwrap(), &b.to_f64_vec().unwrap(), m, k, n, ta, tb);
+        let got = eval1("MatMul", &[a, b], attrs! { "transpose_a" => ta, "transpose_b" => tb });
+        let t = tol(DType::F32) * (k as f64).sqrt().max(1.0) * 2.0;
+        assert_close(&format!("MatMul f32 {m}x{k}x{n} ta={ta} tb={tb}"), &got, &[m, n], &want, t);
+    }
+}
+
 // ---- reductions ----
 
 fn reduce_ref(x: &[f64], dims: &[usize], axes: &[usize], op: &str, int: bool) -> (Vec<usize>, Vec<f64>) {

@@ -2,8 +2,8 @@
 
 use super::{for_chunks, map_into, unsupported, Arith, Float, FloatNum, Num};
 use rill_graph::{
-    dispatch_float, dispatch_numeric, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext,
-    Result, Shape, Tensor, MAX_RANK,
+    dispatch_float, dispatch_numeric, Device, Error, IntraOpPool, Kernel, KernelInit, OpKernel,
+    OpKernelContext, Result, Shape, Tensor, MAX_RANK,
 };
 
 /// The broadcast shape of two shapes, or TensorFlow's "Incompatible shapes" error.
@@ -174,7 +174,8 @@ pub fn create_binary(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(BinaryK { op }, init))
 }
 
-fn binary_typed<T: Num>(pool: &dyn IntraOpPool, op: BinOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+fn binary_typed<T: Num>(dev: &dyn Device, op: BinOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let pool = dev.intra_op();
     let so = broadcast_shape(a.shape(), b.shape())?;
     let (x, y) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
     if !T::A::IS_FLOAT {
@@ -185,7 +186,8 @@ fn binary_typed<T: Num>(pool: &dyn IntraOpPool, op: BinOp, a: &Tensor, b: &Tenso
             return Err(Error::invalid_argument("Integers to negative integer powers are not allowed"));
         }
     }
-    let mut out = Tensor::try_zeros(T::DTYPE, so)?;
+    // Every element is written below, so the buffer may be recycled.
+    let mut out = dev.allocate(T::DTYPE, so)?;
     let o = out.as_mut_slice::<T>()?;
     let (sa, sb) = (a.shape(), b.shape());
     macro_rules! run {
@@ -240,8 +242,8 @@ impl OpKernel for BinaryK {
                 b.dtype()
             )));
         }
-        let pool = ctx.intra_op();
-        let out = dispatch_numeric!(a.dtype(), T => binary_typed::<T>(pool, self.op, a, b)?,
+        let dev = &**ctx.device();
+        let out = dispatch_numeric!(a.dtype(), T => binary_typed::<T>(dev, self.op, a, b)?,
             _ => return Err(unsupported(&ctx.node.op, a.dtype())));
         ctx.set_output(0, out);
         Ok(())
@@ -281,38 +283,39 @@ pub fn create_unary(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(UnaryK { op }, init))
 }
 
-/// Applies `f` in the compute type to every element of `x`.
+/// Applies `f` in the compute type to every element of `x`, into an output from the device's
+/// allocator (every element is written).
 pub(crate) fn unary_map<T: Num>(
-    pool: &dyn IntraOpPool,
+    dev: &dyn Device,
     x: &Tensor,
     f: impl Fn(T::A) -> T::A + Sync,
 ) -> Result<Tensor> {
-    let mut out = Tensor::try_zeros(T::DTYPE, *x.shape())?;
-    map_into(pool, x.as_slice::<T>()?, out.as_mut_slice::<T>()?, |v| T::store(f(v.load())));
+    let mut out = dev.allocate(T::DTYPE, *x.shape())?;
+    map_into(dev.intra_op(), x.as_slice::<T>()?, out.as_mut_slice::<T>()?, |v| T::store(f(v.load())));
     Ok(out)
 }
 
-fn numeric_unary<T: Num>(pool: &dyn IntraOpPool, op: UnOp, x: &Tensor) -> Result<Option<Tensor>> {
+fn numeric_unary<T: Num>(dev: &dyn Device, op: UnOp, x: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(match op {
-        UnOp::Neg => unary_map::<T>(pool, x, |v| v.neg())?,
-        UnOp::Abs => unary_map::<T>(pool, x, |v| v.abs())?,
-        UnOp::Square => unary_map::<T>(pool, x, |v| v.mul(v))?,
-        UnOp::Sign => unary_map::<T>(pool, x, |v| v.sign())?,
+        UnOp::Neg => unary_map::<T>(dev, x, |v| v.neg())?,
+        UnOp::Abs => unary_map::<T>(dev, x, |v| v.abs())?,
+        UnOp::Square => unary_map::<T>(dev, x, |v| v.mul(v))?,
+        UnOp::Sign => unary_map::<T>(dev, x, |v| v.sign())?,
         _ => return Ok(None),
     }))
 }
 
-fn float_unary<T: FloatNum>(pool: &dyn IntraOpPool, op: UnOp, x: &Tensor) -> Result<Tensor> {
-    if let Some(t) = numeric_unary::<T>(pool, op, x)? {
+fn float_unary<T: FloatNum>(dev: &dyn Device, op: UnOp, x: &Tensor) -> Result<Tensor> {
+    if let Some(t) = numeric_unary::<T>(dev, op, x)? {
         return Ok(t);
     }
     let one = <T::A as Arith>::ONE;
     match op {
-        UnOp::Sqrt => unary_map::<T>(pool, x, |v| v.sqrt()),
-        UnOp::Rsqrt => unary_map::<T>(pool, x, |v| one.div(v.sqrt())),
-        UnOp::Reciprocal => unary_map::<T>(pool, x, |v| one.div(v)),
-        UnOp::Exp => unary_map::<T>(pool, x, |v| v.exp()),
-        UnOp::Log => unary_map::<T>(pool, x, |v| v.ln()),
+        UnOp::Sqrt => unary_map::<T>(dev, x, |v| v.sqrt()),
+        UnOp::Rsqrt => unary_map::<T>(dev, x, |v| one.div(v.sqrt())),
+        UnOp::Reciprocal => unary_map::<T>(dev, x, |v| one.div(v)),
+        UnOp::Exp => unary_map::<T>(dev, x, |v| v.exp()),
+        UnOp::Log => unary_map::<T>(dev, x, |v| v.ln()),
         _ => Err(Error::internal(format!("{op:?} is not a float op"))),
     }
 }
@@ -320,12 +323,12 @@ fn float_unary<T: FloatNum>(pool: &dyn IntraOpPool, op: UnOp, x: &Tensor) -> Res
 impl OpKernel for UnaryK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
         let x = ctx.input(0)?;
-        let pool = ctx.intra_op();
+        let dev = &**ctx.device();
         let d = x.dtype();
         let out = if d.is_float() {
-            dispatch_float!(d, T => float_unary::<T>(pool, self.op, x)?, _ => unreachable!("float dtype"))
+            dispatch_float!(d, T => float_unary::<T>(dev, self.op, x)?, _ => unreachable!("float dtype"))
         } else {
-            let r = dispatch_numeric!(d, T => numeric_unary::<T>(pool, self.op, x)?, _ => None);
+            let r = dispatch_numeric!(d, T => numeric_unary::<T>(dev, self.op, x)?, _ => None);
             r.ok_or_else(|| unsupported(&ctx.node.op, d))?
         };
         ctx.set_output(0, out);

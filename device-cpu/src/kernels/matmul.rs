@@ -1,23 +1,34 @@
 //! MatMul: a cache-blocked f32 GEMM (packed panels, a register-tiled micro-kernel, AVX2/FMA when
 //! the CPU has it), f16/bf16 through f32, and a plain row-parallel loop for f64 and integers.
+//!
+//! The f32 loop nest follows BLIS: for each group of columns, all of op(B) is packed once, in
+//! parallel, into `KC`-deep blocks of `NR`-column slivers; then row blocks of C are claimed by the
+//! pool's threads, and each packs its `MC`×`KC` block of op(A) and runs the micro-kernel with one
+//! B sliver in L1 and the A block in L2.
 
 use super::{for_chunks, unsupported, Arith, Num};
-use rill_graph::device::{parallel_chunks_mut, InlinePool};
+use rill_graph::device::InlinePool;
 use rill_graph::half::{bf16, f16};
 use rill_graph::{
     AttrsExt, DType, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext, Result, Shape, Tensor,
 };
+use std::sync::Mutex;
 
-/// Rows of the micro-tile: 6 rows × 16 columns keeps 12 AVX2 accumulators in registers.
+/// Rows of the micro-tile: 6 rows × 16 columns keeps 12 AVX2 accumulators in registers, with
+/// 4 registers left for the two B vectors and the broadcast A value.
 const MR: usize = 6;
 /// Columns of the micro-tile (two 8-lane vectors).
 const NR: usize = 16;
-/// Depth of a packed block: a 6×256 A sliver and a 256×16 B sliver fit in L1.
+/// Depth of a packed block: a 256×16 B sliver (16 KiB) and a 6×256 A sliver (6 KiB) fit in a
+/// 32 KiB L1d together.
 const KC: usize = 256;
-/// Rows of a packed A block (a multiple of `MR`), sized for L2.
-const MC: usize = 96;
-/// Columns of a packed B block, sized for L3.
-const NC: usize = 2048;
+/// Most rows of a packed A block (a multiple of `MR`): 144×256 floats (144 KiB) stay in L2.
+const MC: usize = 144;
+/// Most floats of op(B) packed at once (16 MiB): all of B for matrices up to 2048², more
+/// columns are packed group by group.
+const PACKED_B_MAX: usize = 4 << 20;
+/// Multiply-adds below which a product runs on the calling thread: a pool hand-off costs more.
+const PARALLEL_MIN_FLOPS: usize = 1 << 20;
 
 /// A matrix operand as stored (row-major, `ld` elements per stored row), read through an
 /// optional transpose.
@@ -44,19 +55,52 @@ impl<'a, T: Copy> Operand<'a, T> {
     }
 }
 
+thread_local! {
+    /// Packing buffers kept per thread between calls, so a product's packing faults in no fresh
+    /// pages: op(B) on the thread that calls `gemm_f32`, op(A) on every thread that runs a block.
+    static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's buffer from `key` resized to `len` (contents unspecified); the
+/// buffer is taken out while `f` runs, so a nested call gets its own.
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = key.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    key.with(|c| c.set(buf));
+    r
+}
+
 /// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into `MR`-row slivers, depth-major, zero-padded.
 fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf: &mut [f32]) {
     for (s, sliver) in buf.chunks_exact_mut(MR * kc).enumerate() {
-        let r0 = s * MR;
-        let rows = MR.min(mc - r0);
-        for r in 0..MR {
-            if r < rows {
-                for p in 0..kc {
-                    sliver[p * MR + r] = a.at(i0 + r0 + r, p0 + p);
-                }
-            } else {
-                for p in 0..kc {
-                    sliver[p * MR + r] = 0.0;
+        let r0 = i0 + s * MR;
+        let rows = MR.min(i0 + mc - r0);
+        if a.trans {
+            // Stored k×m: the sliver's rows are adjacent in each stored row.
+            for (p, dst) in sliver.chunks_exact_mut(MR).enumerate() {
+                let src = &a.data[(p0 + p) * a.ld + r0..][..rows];
+                dst[..rows].copy_from_slice(src);
+                dst[rows..].fill(0.0);
+            }
+        } else {
+            for r in 0..MR {
+                if r < rows {
+                    let src = &a.data[(r0 + r) * a.ld + p0..][..kc];
+                    for (d, &v) in sliver.iter_mut().skip(r).step_by(MR).zip(src) {
+                        *d = v;
+                    }
+                } else {
+                    for d in sliver.iter_mut().skip(r).step_by(MR) {
+                        *d = 0.0;
+                    }
                 }
             }
         }
@@ -66,36 +110,65 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
 /// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into `NR`-column slivers, zero-padded.
 fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf: &mut [f32]) {
     for (s, sliver) in buf.chunks_exact_mut(NR * kc).enumerate() {
-        let c0 = s * NR;
-        let cols = NR.min(nc - c0);
-        for p in 0..kc {
-            let dst = &mut sliver[p * NR..(p + 1) * NR];
-            for (c, d) in dst.iter_mut().enumerate() {
-                *d = if c < cols { b.at(p0 + p, j0 + c0 + c) } else { 0.0 };
+        let c0 = j0 + s * NR;
+        let cols = NR.min(j0 + nc - c0);
+        if b.trans {
+            // Stored n×k: each column of the sliver is a contiguous run of a stored row.
+            for c in 0..NR {
+                if c < cols {
+                    let src = &b.data[(c0 + c) * b.ld + p0..][..kc];
+                    for (d, &v) in sliver.iter_mut().skip(c).step_by(NR).zip(src) {
+                        *d = v;
+                    }
+                } else {
+                    for d in sliver.iter_mut().skip(c).step_by(NR) {
+                        *d = 0.0;
+                    }
+                }
+            }
+        } else {
+            for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
+                let src = &b.data[(p0 + p) * b.ld + c0..][..cols];
+                dst[..cols].copy_from_slice(src);
+                dst[cols..].fill(0.0);
             }
         }
     }
 }
 
-/// One `MR`×`NR` tile of packed A times packed B over depth `kc`.
+/// One `MR`×`NR` tile of packed A times packed B over the slivers' depth (portable fallback).
 #[inline(always)]
-fn micro<const FMA: bool>(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+fn micro_portable(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
     let mut acc = [[0f32; NR]; MR];
     for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
         for r in 0..MR {
             let x = av[r];
             for c in 0..NR {
-                acc[r][c] = if FMA { x.mul_add(bv[c], acc[r][c]) } else { acc[r][c] + x * bv[c] };
+                acc[r][c] += x * bv[c];
             }
         }
     }
     acc
 }
 
-/// `C[rows, j0..j0+nc] += packed A × packed B` for one packed A block; `c` holds the block's
-/// rows of C, `ldc` wide.
+/// Stores (or adds, when `accumulate`) the top-left `rows`×`cols` of a tile into C.
 #[inline(always)]
-fn block<const FMA: bool>(
+fn merge_tile(t: &[[f32; NR]; MR], c: &mut [f32], ldc: usize, rows: usize, cols: usize, accumulate: bool) {
+    for (r, tr) in t.iter().enumerate().take(rows) {
+        let dst = &mut c[r * ldc..r * ldc + cols];
+        if accumulate {
+            for (d, v) in dst.iter_mut().zip(tr) {
+                *d += v;
+            }
+        } else {
+            dst.copy_from_slice(&tr[..cols]);
+        }
+    }
+}
+
+/// `C[.., j0..j0+nc] (=|+=) packed A × packed B` for one packed A block on the portable path; `c`
+/// holds the block's rows of C, `ldc` wide.
+fn block_portable(
     pa: &[f32],
     pb: &[f32],
     kc: usize,
@@ -103,30 +176,114 @@ fn block<const FMA: bool>(
     ldc: usize,
     j0: usize,
     nc: usize,
+    accumulate: bool,
 ) {
     let mc = c.len() / ldc;
     for (sj, bs) in pb.chunks_exact(NR * kc).enumerate() {
-        let c0 = sj * NR;
-        let cols = NR.min(nc - c0);
+        let cols = NR.min(nc - sj * NR);
         for (si, as_) in pa.chunks_exact(MR * kc).enumerate() {
-            let r0 = si * MR;
-            let rows = MR.min(mc - r0);
-            let acc = micro::<FMA>(as_, bs);
-            for (r, acc_row) in acc.iter().enumerate().take(rows) {
-                let at = (r0 + r) * ldc + j0 + c0;
-                for (d, v) in c[at..at + cols].iter_mut().zip(acc_row) {
-                    *d += v;
-                }
-            }
+            let rows = MR.min(mc - si * MR);
+            let t = micro_portable(as_, bs);
+            merge_tile(&t, &mut c[si * MR * ldc + j0 + sj * NR..], ldc, rows, cols, accumulate);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(pa: &[f32], pb: &[f32], kc: usize, c: &mut [f32], ldc: usize, j0: usize, nc: usize) {
-    block::<true>(pa, pb, kc, c, ldc, j0, nc)
+mod avx2 {
+    //! The AVX2+FMA micro-kernel and the macro-kernel around it.
+
+    use super::{merge_tile, KC, MR, NR};
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+
+    /// Eight floats from the start of `v`.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma")]
+    fn load8(v: &[f32; 8]) -> __m256 {
+        // SAFETY: `v` is 8 readable floats; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    }
+
+    /// Writes eight floats to the start of `v`.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma")]
+    fn store8(v: &mut [f32; 8], x: __m256) {
+        // SAFETY: `v` is 8 writable floats; `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), x) }
+    }
+
+    /// The 6×16 tile of an A sliver (`MR`×kc, depth-major) times a B sliver (kc×`NR`), in 12
+    /// accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn micro(a: &[f32], b: &[f32]) -> [[__m256; 2]; MR] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+            let (b0, b1) = bv.split_at(8);
+            let b0 = load8(b0.try_into().expect("8 floats"));
+            let b1 = load8(b1.try_into().expect("8 floats"));
+            for r in 0..MR {
+                let x = _mm256_set1_ps(av[r]);
+                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+            }
+        }
+        acc
+    }
+
+    /// The macro-kernel: every tile of one packed A block times one packed B block, B sliver by
+    /// B sliver so each sliver stays in L1 while the A block streams from L2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn block(
+        pa: &[f32],
+        pb: &[f32],
+        kc: usize,
+        c: &mut [f32],
+        ldc: usize,
+        j0: usize,
+        nc: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(kc <= KC);
+        let mc = c.len() / ldc;
+        for (sj, bs) in pb.chunks_exact(NR * kc).enumerate() {
+            let cols = NR.min(nc - sj * NR);
+            for (si, as_) in pa.chunks_exact(MR * kc).enumerate() {
+                let rows = MR.min(mc - si * MR);
+                let acc = micro(as_, bs);
+                let c = &mut c[si * MR * ldc + j0 + sj * NR..];
+                if rows == MR && cols == NR {
+                    for (r, acc_row) in acc.iter().enumerate() {
+                        let row: &mut [f32; NR] =
+                            (&mut c[r * ldc..r * ldc + NR]).try_into().expect("16 floats");
+                        let (lo, hi) = row.split_at_mut(8);
+                        let (lo, hi): (&mut [f32; 8], &mut [f32; 8]) =
+                            (lo.try_into().expect("8 floats"), hi.try_into().expect("8 floats"));
+                        let (mut x0, mut x1) = (acc_row[0], acc_row[1]);
+                        if accumulate {
+                            x0 = _mm256_add_ps(x0, load8(lo));
+                            x1 = _mm256_add_ps(x1, load8(hi));
+                        }
+                        store8(lo, x0);
+                        store8(hi, x1);
+                    }
+                } else {
+                    let mut t = [[0f32; NR]; MR];
+                    for (tr, acc_row) in t.iter_mut().zip(&acc) {
+                        let (lo, hi) = tr.split_at_mut(8);
+                        store8(lo.try_into().expect("8 floats"), acc_row[0]);
+                        store8(hi.try_into().expect("8 floats"), acc_row[1]);
+                    }
+                    merge_tile(&t, c, ldc, rows, cols, accumulate);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -139,18 +296,73 @@ fn has_avx2_fma() -> bool {
     false
 }
 
+/// Runs the macro-kernel for one packed A block; `accumulate` adds to C, otherwise C is written.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
-fn run_block(simd: bool, pa: &[f32], pb: &[f32], kc: usize, c: &mut [f32], ldc: usize, j0: usize, nc: usize) {
+fn run_block(
+    simd: bool,
+    pa: &[f32],
+    pb: &[f32],
+    kc: usize,
+    c: &mut [f32],
+    ldc: usize,
+    j0: usize,
+    nc: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
-        return unsafe { block_avx2(pa, pb, kc, c, ldc, j0, nc) };
+        return unsafe { avx2::block(pa, pb, kc, c, ldc, j0, nc, accumulate) };
     }
     let _ = simd;
-    block::<false>(pa, pb, kc, c, ldc, j0, nc)
+    block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate)
 }
 
-/// `C (m×n, zeroed) += op(A) × op(B)` in f32, split over row blocks on the pool.
+/// One row block of C (`rows` = C's rows `i0..`, full width `ldc`) against packed op(B) for
+/// columns `j0..j0+nc` (`ncp` of them after padding), over the whole depth `k`.
+#[allow(clippy::too_many_arguments)]
+fn row_block(
+    simd: bool,
+    a: &Operand<'_, f32>,
+    pb: &[f32],
+    k: usize,
+    i0: usize,
+    rows: &mut [f32],
+    ldc: usize,
+    j0: usize,
+    nc: usize,
+    accumulate: bool,
+) {
+    let mc = rows.len() / ldc;
+    let ncp = nc.div_ceil(NR) * NR;
+    with_buffer(&PACKED_A, mc.div_ceil(MR) * MR * KC.min(k), |pa| {
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
+            pack_a(a, i0, mc, p0, kc, pa);
+            let pb = &pb[p0 * ncp..(p0 + kc) * ncp];
+            run_block(simd, pa, pb, kc, rows, ldc, j0, nc, accumulate || p0 > 0);
+        }
+    });
+}
+
+/// Runs `f(i, item)` for every item on the pool, each item handed out once.
+fn parallel_items<T: Send>(pool: &dyn IntraOpPool, items: Vec<T>, f: impl Fn(usize, T) + Sync) {
+    if items.len() <= 1 || pool.num_threads() <= 1 {
+        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
+        return;
+    }
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    pool.parallel_for(slots.len(), &|i| {
+        let taken = slots[i].lock().map(|mut g| g.take()).ok().flatten();
+        if let Some(t) = taken {
+            f(i, t);
+        }
+    });
+}
+
+/// `C (m×n) = op(A) × op(B)` in f32, or `C += op(A) × op(B)` when `accumulate`, split over the
+/// pool when it is large enough.
 fn gemm_f32(
     pool: &dyn IntraOpPool,
     a: Operand<'_, f32>,
@@ -158,39 +370,64 @@ fn gemm_f32(
     k: usize,
     c: &mut [f32],
     n: usize,
+    accumulate: bool,
 ) {
-    if c.is_empty() || k == 0 {
+    if c.is_empty() || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
         return;
     }
     let m = c.len() / n;
     let simd = has_avx2_fma();
-    // Rows per task: enough tasks for every thread, each a whole number of micro-tiles.
+    let serial = m * n * k < PARALLEL_MIN_FLOPS;
+    let pool: &dyn IntraOpPool = if serial { &InlinePool } else { pool };
     let threads = pool.num_threads().max(1);
-    let mc = m.div_ceil(threads).div_ceil(MR).clamp(1, MC / MR) * MR;
-    let mut pb = Vec::new();
-    for j0 in (0..n).step_by(NC) {
-        let nc = NC.min(n - j0);
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            pb.clear();
-            pb.resize(nc.div_ceil(NR) * NR * kc, 0.0);
-            pack_b(&b, p0, kc, j0, nc, &mut pb);
-            let pb = &pb;
-            let task = |off: usize, rows: &mut [f32]| {
-                let i0 = off / n;
-                let rc = rows.len() / n;
-                let mut pa = vec![0f32; rc.div_ceil(MR) * MR * kc];
-                pack_a(&a, i0, rc, p0, kc, &mut pa);
-                run_block(simd, &pa, pb, kc, rows, n, j0, nc);
-            };
-            if m * n * kc < super::PARALLEL_MIN_ELEMENTS * 8 {
-                for (i, rows) in c.chunks_mut(MC * n).enumerate() {
-                    task(i * MC * n, rows);
+    // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
+    let group = (PACKED_B_MAX / k / NR).max(1) * NR;
+    for j0 in (0..n).step_by(group) {
+        let nc = group.min(n - j0);
+        let ncp = nc.div_ceil(NR) * NR;
+        with_buffer(&PACKED_B, k * ncp, |pb| {
+            // Pack B in parallel: each depth block split into runs of slivers, a few per thread.
+            let blocks = k.div_ceil(KC);
+            let runs = (threads * 2).div_ceil(blocks).min(ncp / NR);
+            let per_run = (ncp / NR).div_ceil(runs) * NR;
+            let mut items = Vec::new();
+            let mut rest = &mut *pb;
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                let (block, tail) = rest.split_at_mut(kc * ncp);
+                rest = tail;
+                for (r, run) in block.chunks_mut(per_run * kc).enumerate() {
+                    items.push((p0, kc, r * per_run, run));
                 }
-            } else {
-                parallel_chunks_mut(pool, c, mc * n, task);
             }
-        }
+            parallel_items(pool, items, |_, (p0, kc, c0, run)| {
+                pack_b(&b, p0, kc, j0 + c0, (nc - c0).min(per_run), run);
+            });
+            // Row blocks of whole micro-tiles, as many as `MC` allows rounded up to a multiple of
+            // the threads, tiles spread evenly so every thread gets the same share.
+            let tiles = m.div_ceil(MR);
+            let nblocks = tiles.div_ceil(MC / MR).div_ceil(threads).saturating_mul(threads).min(tiles);
+            let mut items = Vec::with_capacity(nblocks);
+            let mut rest = &mut *c;
+            let mut i0 = 0;
+            for blk in 0..nblocks {
+                let i1 = ((blk + 1) * tiles / nblocks * MR).min(m);
+                let (rows, tail) = rest.split_at_mut((i1 - i0) * n);
+                rest = tail;
+                items.push((i0, rows));
+                i0 = i1;
+            }
+            let pb = &*pb;
+            parallel_items(pool, items, |_, (i0, rows)| {
+                row_block(simd, &a, pb, k, i0, rows, n, j0, nc, accumulate);
+            });
+        });
     }
 }
 
@@ -202,27 +439,7 @@ pub(crate) fn gemm_serial<T: Num>(a: Operand<'_, T>, b: Operand<'_, T>, k: usize
     }
     let a = Operand { data: bytemuck::cast_slice::<T, f32>(a.data), ld: a.ld, trans: a.trans };
     let b = Operand { data: bytemuck::cast_slice::<T, f32>(b.data), ld: b.ld, trans: b.trans };
-    let c = bytemuck::cast_slice_mut::<T, f32>(c);
-    if c.is_empty() || k == 0 {
-        return;
-    }
-    let simd = has_avx2_fma();
-    let (mut pa, mut pb) = (Vec::new(), Vec::new());
-    for j0 in (0..n).step_by(NC) {
-        let nc = NC.min(n - j0);
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            // The packers write every element, padding included: resizing needs no clearing.
-            pb.resize(nc.div_ceil(NR) * NR * kc, 0.0);
-            pack_b(&b, p0, kc, j0, nc, &mut pb);
-            for (i, rows) in c.chunks_mut(MC * n).enumerate() {
-                let rc = rows.len() / n;
-                pa.resize(rc.div_ceil(MR) * MR * kc, 0.0);
-                pack_a(&a, i * MC, rc, p0, kc, &mut pa);
-                run_block(simd, &pa, &pb, kc, rows, n, j0, nc);
-            }
-        }
-    }
+    gemm_f32(&InlinePool, a, b, k, bytemuck::cast_slice_mut::<T, f32>(c), n, true);
 }
 
 /// `C += op(A) × op(B)` for f64 and integers: op(B) made row-major once, then rows of C
@@ -317,7 +534,7 @@ impl MatMulK {
         let (wa, wb) = (widen::<T>(a)?, widen::<T>(b)?);
         let (oa, ob) = self.operands(&wa, a.shape(), &wb, b.shape());
         let mut c = vec![0f32; m * n];
-        gemm_f32(pool, oa, ob, k, &mut c, n.max(1));
+        gemm_f32(pool, oa, ob, k, &mut c, n.max(1), false);
         let narrow: Vec<T> = c.into_iter().map(T::store).collect();
         Tensor::new(Shape::matrix(m, n), &narrow)
     }
@@ -348,10 +565,11 @@ impl OpKernel for MatMulK {
         let pool = ctx.intra_op();
         let out = match a.dtype() {
             DType::F32 => {
-                let mut out = Tensor::try_zeros(DType::F32, Shape::matrix(m, n))?;
+                // Every element is written (zeros when k = 0), so the buffer may be recycled.
+                let mut out = ctx.allocate_output(DType::F32, Shape::matrix(m, n))?;
                 let (oa, ob) =
                     self.operands(a.as_slice::<f32>()?, a.shape(), b.as_slice::<f32>()?, b.shape());
-                gemm_f32(pool, oa, ob, k, out.as_mut_slice::<f32>()?, n.max(1));
+                gemm_f32(pool, oa, ob, k, out.as_mut_slice::<f32>()?, n.max(1), false);
                 out
             }
             DType::F16 => self.half::<f16>(pool, a, b, m, k, n)?,

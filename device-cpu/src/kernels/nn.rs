@@ -5,7 +5,7 @@ use super::elementwise::{broadcast_into, unary_map};
 use super::reduce::{reduce_into, ReduceOp};
 use super::{for_chunks, int_values, unsupported, Arith, Float, FloatNum, Num};
 use rill_graph::{
-    dispatch_float, dispatch_numeric, AttrsExt, Error, IntraOpPool, Kernel, KernelInit, OpKernel,
+    dispatch_float, dispatch_numeric, AttrsExt, Device, Error, IntraOpPool, Kernel, KernelInit, OpKernel,
     OpKernelContext, Result, Shape, Tensor,
 };
 
@@ -30,29 +30,29 @@ pub fn create_activation(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(ActivationK { act }, init))
 }
 
-fn relu<T: Num>(pool: &dyn IntraOpPool, x: &Tensor) -> Result<Tensor> {
+fn relu<T: Num>(dev: &dyn Device, x: &Tensor) -> Result<Tensor> {
     let zero = T::A::ZERO;
-    unary_map::<T>(pool, x, |v| if v > zero { v } else { zero })
+    unary_map::<T>(dev, x, |v| if v > zero { v } else { zero })
 }
 
-fn float_activation<T: FloatNum>(pool: &dyn IntraOpPool, act: Act, x: &Tensor) -> Result<Tensor> {
+fn float_activation<T: FloatNum>(dev: &dyn Device, act: Act, x: &Tensor) -> Result<Tensor> {
     let one = T::A::ONE;
     match act {
-        Act::Relu => relu::<T>(pool, x),
-        Act::Sigmoid => unary_map::<T>(pool, x, |v| one.div(one.add(v.neg().exp()))),
-        Act::Tanh => unary_map::<T>(pool, x, |v| v.tanh()),
+        Act::Relu => relu::<T>(dev, x),
+        Act::Sigmoid => unary_map::<T>(dev, x, |v| one.div(one.add(v.neg().exp()))),
+        Act::Tanh => unary_map::<T>(dev, x, |v| v.tanh()),
     }
 }
 
 impl OpKernel for ActivationK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
         let x = ctx.input(0)?;
-        let pool = ctx.intra_op();
+        let dev = &**ctx.device();
         let d = x.dtype();
         let out = if d.is_float() {
-            dispatch_float!(d, T => float_activation::<T>(pool, self.act, x)?, _ => unreachable!("float dtype"))
+            dispatch_float!(d, T => float_activation::<T>(dev, self.act, x)?, _ => unreachable!("float dtype"))
         } else if self.act == Act::Relu {
-            dispatch_numeric!(d, T => relu::<T>(pool, x)?, _ => return Err(unsupported("Relu", d)))
+            dispatch_numeric!(d, T => relu::<T>(dev, x)?, _ => return Err(unsupported("Relu", d)))
         } else {
             return Err(unsupported(&ctx.node.op, d));
         };
