@@ -6,7 +6,7 @@ use rill_train::standard_runtime;
 use rill_transport::{ClusterSpec, Server, ServerDef};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    rill_transport::cluster::free_loopback_port().unwrap()
 }
 
 fn train(mode: Mode) -> (f32, Vec<i64>) {

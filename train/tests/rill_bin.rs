@@ -23,7 +23,7 @@ fn rill(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    rill_transport::cluster::free_loopback_port().unwrap()
 }
 
 /// A file under the temp dir with `text` and permission bits `mode`.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    rill_transport::cluster::free_loopback_port().unwrap()
 }
 
 /// A ps and `workers` worker servers on loopback.

@@ -163,6 +163,22 @@ impl fmt::Display for ClusterSpec {
     }
 }
 
+/// A free TCP port on 127.0.0.1 for a local cluster. A port is never handed out twice in one
+/// process: the OS may offer a port it just released again before its first user binds it.
+pub fn free_loopback_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Bounded: the ephemeral range is far larger than any test's needs.
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return Ok(port);
+        }
+    }
+    Err(Error::unavailable("no unused loopback port found"))
+}
+
 /// What a server needs to know about itself (TensorFlow's `ServerDef`).
 #[derive(Clone, Debug)]
 pub struct ServerDef {

@@ -82,6 +82,7 @@ impl Peers {
     }
 
     /// A synchronous call to a task, naming it in errors; `Unavailable` forgets the connection.
+    /// A cached connection that turns out closed (the peer restarted) is replaced once.
     pub fn call(
         &self,
         job: &str,
@@ -90,21 +91,23 @@ impl Peers {
         body: Option<crate::BodySource>,
         timeout: Duration,
     ) -> Result<(Resp, Option<rill_graph::Buffer>)> {
-        let p = self.ensure(job, task)?;
-        let r = p.call(
-            &encode(req)?,
-            body,
-            CallOptions::timeout(timeout).body_size_max(crate::FRAME_BODY_SIZE_MAX),
-        );
-        match r {
-            Ok(resp) => Ok((decode(&resp.meta)?, resp.body)),
-            Err(e) => {
-                if e.code == rill_graph::Code::Unavailable {
+        let meta = encode(req)?;
+        let cached = self.get(job, task).is_some();
+        for attempt in 0..2 {
+            let p = self.ensure(job, task)?;
+            let opts = CallOptions::timeout(timeout).body_size_max(crate::FRAME_BODY_SIZE_MAX);
+            match p.call(&meta, body.clone(), opts) {
+                Ok(resp) => return Ok((decode(&resp.meta)?, resp.body)),
+                Err(e) if e.code == rill_graph::Code::Unavailable => {
                     self.forget(job, task);
+                    if !(cached && attempt == 0) {
+                        return Err(task_error(job, task, e));
+                    }
                 }
-                Err(task_error(job, task, e))
+                Err(e) => return Err(task_error(job, task, e)),
             }
         }
+        Err(Error::unavailable(format!("/job:{job}/task:{task}: no connection")))
     }
 }
 

@@ -8,7 +8,7 @@ use rill_transport::{reset, ClusterSpec, ConnectOptions, RemoteSession, Server, 
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    rill_transport::cluster::free_loopback_port().unwrap()
 }
 
 fn runtime() -> Runtime {

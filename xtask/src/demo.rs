@@ -49,9 +49,13 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+/// Free loopback ports, all different: the listeners are held until every port is chosen, so
+/// the OS cannot offer one port twice.
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}")))
+        .collect::<Result<_, _>>()?;
+    ls.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
 }
 
 /// Children that are killed when this value is dropped, whatever happened.
@@ -89,10 +93,10 @@ pub fn demo(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Result
     build.args(["build", "--release", "-p", "rill-train", "--bin", "rill"]);
     crate::step("build rill", build)?;
     let rill = root.join("target/release/rill");
-    let ps: Vec<String> =
-        (0..o.ps).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let ws: Vec<String> =
-        (0..o.workers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let ports = free_ports(o.ps + o.workers)?;
+    let addr = |p: &u16| format!("127.0.0.1:{p}");
+    let ps: Vec<String> = ports[..o.ps].iter().map(addr).collect();
+    let ws: Vec<String> = ports[o.ps..].iter().map(addr).collect();
     let spec = format!("ps={};worker={}", ps.join(","), ws.join(","));
     let stamp =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
