@@ -169,7 +169,7 @@ pub fn run_worker(server: &Server, task: u32, o: &TrainOptions) -> Result<TrainR
         let init = if chief { ops.chief_init_op } else { ops.local_step_init_op };
         sess.run(&[], &[], &[init], &ro(o.step_timeout_ms))?;
         if chief {
-            let opts = ChiefLoopOptions { round_timeout_in_ms: 1_000, max_rounds: o.steps as u64 + 10 };
+            let opts = ChiefLoopOptions { round_timeout_in_ms: 2_000, max_rounds: o.steps as u64 + 10 };
             ops.start_chief_loop(sess.clone(), &coord, opts);
         }
     }

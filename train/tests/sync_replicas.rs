@@ -154,7 +154,7 @@ fn worker(target: String, task: u32, mode: Mode, until: Until, coord: Arc<Coordi
         let init = if chief { ops.chief_init_op } else { ops.local_step_init_op };
         sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
         if chief {
-            let opts = ChiefLoopOptions { round_timeout_in_ms: 500, max_rounds: 1_000 };
+            let opts = ChiefLoopOptions { round_timeout_in_ms: 2_000, max_rounds: 1_000 };
             chief_loop = Some(ops.start_chief_loop(sess.clone(), &coord, opts));
         }
     }
