@@ -313,9 +313,22 @@ pub fn fifo_queue(
     shapes: &[PartialShape],
     opts: &QueueOptions,
 ) -> Output {
+    fifo_like(g, "FIFOQueueV2", "fifo_queue", capacity, dtypes, shapes, opts)
+}
+
+/// A queue handle op whose attrs are capacity, component types and shapes.
+fn fifo_like(
+    g: &Graph,
+    op: &str,
+    default_name: &str,
+    capacity: i64,
+    dtypes: &[DType],
+    shapes: &[PartialShape],
+    opts: &QueueOptions,
+) -> Output {
     let a =
         attrs! { "capacity" => capacity, "component_types" => dtypes.to_vec(), "shapes" => shapes.to_vec() };
-    queue_node(g, "FIFOQueueV2", "fifo_queue", opts, a)
+    queue_node(g, op, default_name, opts, a)
 }
 
 /// `tf.PaddingFIFOQueue`: shapes of known rank, `None` dimensions padded on batching.
@@ -326,9 +339,7 @@ pub fn padding_fifo_queue(
     shapes: &[PartialShape],
     opts: &QueueOptions,
 ) -> Output {
-    let a =
-        attrs! { "capacity" => capacity, "component_types" => dtypes.to_vec(), "shapes" => shapes.to_vec() };
-    queue_node(g, "PaddingFIFOQueueV2", "padding_fifo_queue", opts, a)
+    fifo_like(g, "PaddingFIFOQueueV2", "padding_fifo_queue", capacity, dtypes, shapes, opts)
 }
 
 /// `tf.RandomShuffleQueue(capacity, min_after_dequeue, dtypes, shapes, seed)`.

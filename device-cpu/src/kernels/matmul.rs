@@ -92,18 +92,23 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
             }
         } else {
             for r in 0..MR {
-                if r < rows {
-                    let src = &a.data[(r0 + r) * a.ld + p0..][..kc];
-                    for (d, &v) in sliver.iter_mut().skip(r).step_by(MR).zip(src) {
-                        *d = v;
-                    }
-                } else {
-                    for d in sliver.iter_mut().skip(r).step_by(MR) {
-                        *d = 0.0;
-                    }
-                }
+                let src = (r < rows).then(|| &a.data[(r0 + r) * a.ld + p0..][..kc]);
+                fill_lane(sliver, r, MR, src);
             }
         }
+    }
+}
+
+/// Writes `src` (zeros when `None`: padding past the matrix edge) into every `stride`-th element
+/// of `sliver` from `lane` on: one row of an A sliver or one column of a B sliver.
+fn fill_lane(sliver: &mut [f32], lane: usize, stride: usize, src: Option<&[f32]>) {
+    match src {
+        Some(src) => {
+            for (d, &v) in sliver.iter_mut().skip(lane).step_by(stride).zip(src) {
+                *d = v;
+            }
+        }
+        None => sliver.iter_mut().skip(lane).step_by(stride).for_each(|d| *d = 0.0),
     }
 }
 
@@ -115,16 +120,8 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
         if b.trans {
             // Stored n×k: each column of the sliver is a contiguous run of a stored row.
             for c in 0..NR {
-                if c < cols {
-                    let src = &b.data[(c0 + c) * b.ld + p0..][..kc];
-                    for (d, &v) in sliver.iter_mut().skip(c).step_by(NR).zip(src) {
-                        *d = v;
-                    }
-                } else {
-                    for d in sliver.iter_mut().skip(c).step_by(NR) {
-                        *d = 0.0;
-                    }
-                }
+                let src = (c < cols).then(|| &b.data[(c0 + c) * b.ld + p0..][..kc]);
+                fill_lane(sliver, c, NR, src);
             }
         } else {
             for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
