@@ -44,7 +44,13 @@ const PROGRAMS: &[Program] = &[
         args: &[],
         peer: Some(("bench_queues.py", &[])),
     },
-    Program { name: "cnn", package: "rill-tests", example: "bench_cnn", args: &[], peer: None },
+    Program {
+        name: "cnn",
+        package: "rill-tests",
+        example: "bench_cnn",
+        args: &[],
+        peer: Some(("tests/peer/bench_cnn.py", &["2"])),
+    },
 ];
 
 /// rill result name → (peer result name, higher is better).
@@ -63,6 +69,7 @@ const PAIRS: &[(&str, &str, bool)] = &[
     ("matmul_f32_2048[intra=2]", "matmul_f32_2048[intra=2]", true),
     ("add_f32_16M[intra=2]", "add_f32_16M[intra=2]", true),
     ("local_single_session_steps[const]", "local_single_session_steps[const]", true),
+    ("cnn_train_step[batch=64]", "cnn_train_step[batch=64]", true),
     ("fifo_int64_enq+deq_same_run", "fifo_int64_enq+deq_same_run", true),
     ("fifo_int64_enq_run_then_deq_run", "fifo_int64_enq_run_then_deq_run", true),
     (
@@ -155,8 +162,11 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
         if let (Some(dir), Some((script, sargs))) = (&peer_dir, p.peer) {
             match &py {
                 Some(py) => {
+                    // Peer scripts of this repository (no peer script upstream) are named from
+                    // the workspace root; the others live in the peer folder.
+                    let own = root.join(script);
                     let mut c = Command::new(py);
-                    c.current_dir(dir).arg(script).args(sargs);
+                    c.current_dir(dir).arg(if own.exists() { own } else { dir.join(script) }).args(sargs);
                     // The peer scripts need the real OpenBLAS kernel selection, as their README says.
                     c.env_remove("OPENBLAS_CORETYPE").env_remove("OPENBLAS_L2_SIZE");
                     theirs.extend(parse_results(&run_capture(c, &format!("peer {script}"))?));
