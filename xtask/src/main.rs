@@ -9,6 +9,7 @@
 
 mod bench;
 mod demo;
+mod gpu_check;
 
 use std::process::{Command, ExitCode};
 
@@ -46,26 +47,6 @@ fn ci() -> Result<(), String> {
     step("test", test)
 }
 
-/// Builds, runs the GPU tests with "no GPU" turned into a failure, then the self-check program
-/// (every GPU kernel against the CPU, copy bandwidth), and prints a summary.
-fn gpu_check() -> Result<(), String> {
-    let mut test = cargo();
-    test.env("RILL_REQUIRE_GPU", "1").args(["test", "--release", "-p", "rill-device-cuda"]);
-    let tests = step("gpu tests", test);
-    let mut check = cargo();
-    check.env("RILL_REQUIRE_GPU", "1").args([
-        "run",
-        "--release",
-        "-p",
-        "rill-device-cuda",
-        "--example",
-        "gpu_check",
-    ]);
-    let checks = step("gpu self-check", check);
-    eprintln!("== gpu-check summary: tests {:?}, self-check {:?}", tests, checks);
-    tests.and(checks)
-}
-
 fn ptx() -> Result<(), String> {
     let mut c = Command::new("bash");
     c.current_dir(workspace_root()).arg("device-cuda/cuda/build_ptx.sh");
@@ -84,7 +65,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "demo" => demo::demo(&workspace_root(), &cargo, &args[1..]),
         "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
-        "gpu-check" => gpu_check(),
+        "gpu-check" => gpu_check::gpu_check(),
         "ptx" => ptx(),
         _ => return usage(),
     };
