@@ -1,12 +1,16 @@
 //! Serving replicas: a model copied onto every device of a session (one copy of the weights per
-//! device, kept equal by a sync op), and a `Dispatcher` that spreads queries round-robin over
-//! the replicas from any number of client threads.
-
+//! device, kept equal by a sync op), and a `Dispatcher` that spreads queries over the replicas
+//! from any number of client threads. A replica serves one query at a time, as a device's
+//! stream would: throughput grows with the devices, and extra client threads only queue.
 use rill_graph::{
     DType, Error, Graph, Output, PartialShape, Result, RunOptions, Session, Tensor, VariableInfo,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a query waits for a free replica when its `RunOptions` set no deadline.
+const DEFAULT_QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// One copy of the model: its device, the placeholder a query is fed to, and the output.
 #[derive(Clone, Debug)]
@@ -93,12 +97,31 @@ fn sync_op(g: &Graph, replicas: usize) -> Result<Output> {
     Ok(op)
 }
 
-/// Spreads queries over replicas round-robin; shared by client threads (`Arc<Dispatcher>`).
+/// Spreads queries over replicas, the next free one in turn; shared by client threads
+/// (`Arc<Dispatcher>`). Each replica runs one query at a time.
 pub struct Dispatcher {
     sess: Arc<dyn Session>,
     replicas: Vec<Replica>,
     next: AtomicUsize,
     opts: RunOptions,
+    /// `busy[i]`: replica `i` is serving a query.
+    busy: Mutex<Vec<bool>>,
+    freed: Condvar,
+}
+
+/// Marks a replica free again when its query ends, also by error or panic.
+struct Claim<'a> {
+    d: &'a Dispatcher,
+    i: usize,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.d.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy[self.i] = false;
+        drop(busy);
+        self.d.freed.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -114,25 +137,58 @@ impl Dispatcher {
         if replicas.is_empty() {
             return Err(Error::invalid_argument("a dispatcher needs at least one replica"));
         }
-        Ok(Dispatcher { sess, replicas, next: AtomicUsize::new(0), opts })
+        let busy = Mutex::new(vec![false; replicas.len()]);
+        Ok(Dispatcher { sess, replicas, next: AtomicUsize::new(0), opts, busy, freed: Condvar::new() })
     }
 
     pub fn num_replicas(&self) -> usize {
         self.replicas.len()
     }
 
-    /// Runs one query (a batch) on the next replica in turn; returns the replica's output.
+    /// Runs one query (a batch) on the first free replica, starting from the next one in turn;
+    /// waits for one to free up until the query's deadline. Returns the replica's output.
     pub fn infer(&self, query: Tensor) -> Result<Tensor> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
-        self.infer_on(i, query)
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.replicas.len();
+        let claim = self.claim(|busy| (0..n).map(|k| (start + k) % n).find(|&i| !busy[i]))?;
+        self.run_on(claim, query)
     }
 
-    /// Runs one query on replica `i`.
+    /// Runs one query on replica `i`, once it is free.
     pub fn infer_on(&self, i: usize, query: Tensor) -> Result<Tensor> {
-        let r = self
-            .replicas
-            .get(i)
-            .ok_or_else(|| Error::invalid_argument(format!("no replica {i} of {}", self.replicas.len())))?;
+        if i >= self.replicas.len() {
+            return Err(Error::invalid_argument(format!("no replica {i} of {}", self.replicas.len())));
+        }
+        let claim = self.claim(|busy| (!busy[i]).then_some(i))?;
+        self.run_on(claim, query)
+    }
+
+    /// Waits until `pick` finds a free replica, marks it busy and returns the claim on it.
+    fn claim(&self, pick: impl Fn(&[bool]) -> Option<usize>) -> Result<Claim<'_>> {
+        let wait = match self.opts.timeout_in_ms {
+            0 => DEFAULT_QUEUE_WAIT,
+            ms => Duration::from_millis(ms),
+        };
+        let deadline = Instant::now() + wait;
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(i) = pick(&busy) {
+                busy[i] = true;
+                return Ok(Claim { d: self, i });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::deadline_exceeded(format!(
+                    "no serving replica became free within {} ms",
+                    wait.as_millis()
+                )));
+            }
+            busy = self.freed.wait_timeout(busy, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn run_on(&self, claim: Claim<'_>, query: Tensor) -> Result<Tensor> {
+        let r = &self.replicas[claim.i];
         let mut out = self.sess.run(&[(r.input, query)], &[r.output], &[], &self.opts)?;
         out.pop().ok_or_else(|| Error::internal("a query returned no output"))
     }
@@ -173,5 +229,27 @@ mod tests {
         assert_eq!(after[0], after[1]);
         assert_eq!(after[0], before[0], "replica 0 keeps its weights");
         assert_eq!(d.infer_on(2, query).unwrap_err().code, rill_graph::Code::InvalidArgument);
+    }
+
+    /// A busy replica takes no second query: it waits, and gives up at the query's deadline.
+    #[test]
+    fn a_replica_serves_one_query_at_a_time() {
+        let g = Graph::new();
+        let serving =
+            replicate_model(&g, &["/cpu:0"], DType::F32, [None, Some(4)], |g, x| mlp(g, x, &[8], 3, 1))
+                .unwrap();
+        let init = g.global_variables_initializer();
+        let sess: Arc<dyn Session> =
+            Arc::new(DirectSession::new(&g, &crate::standard_runtime(), SessionOptions::default()).unwrap());
+        sess.run(&[], &[], &[init], &RunOptions::default()).unwrap();
+        let opts = RunOptions { timeout_in_ms: 50, ..Default::default() };
+        let d = Dispatcher::new(sess, serving.replicas, opts).unwrap();
+        let query = Tensor::new([1usize, 4], &[0.1f32, 0.2, 0.3, 0.4]).unwrap();
+        let held = d.claim(|busy| (!busy[0]).then_some(0)).unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(d.infer(query.clone()).unwrap_err().code, rill_graph::Code::DeadlineExceeded);
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        drop(held);
+        assert_eq!(d.infer(query).unwrap().shape().dims(), &[1, 3]);
     }
 }
