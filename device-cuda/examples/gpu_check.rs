@@ -107,7 +107,14 @@ fn copies(dev: &CudaDevice) -> Result<()> {
     let back = dev.to_host(&dev.from_host(host.clone())?)?;
     let same = back.as_slice::<f32>()? == host.as_slice::<f32>()?;
     println!("{} tensor round trip (20 MB, two staging chunks)", if same { "pass" } else { "FAIL" });
-    if ok && same {
+    // int32 tensors (shapes, axes) arriving at the GPU stay in host memory, as in TensorFlow.
+    let ints = dev.from_host(rill_graph::Tensor::vector(&[3i32, -1]))?;
+    let kept = ints.is_host() && dev.on_device(&ints)?.device_memory().is_some();
+    println!(
+        "{} int32 tensors stay on the host until a kernel needs them",
+        if kept { "pass" } else { "FAIL" }
+    );
+    if ok && same && kept {
         Ok(())
     } else {
         Err(rill_graph::Error::data_loss("copied bytes differ"))

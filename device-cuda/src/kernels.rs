@@ -6,8 +6,8 @@ use crate::driver::{KernelArg, LaunchConfig};
 use crate::CudaDevice;
 use rill_graph::kernels as sys;
 use rill_graph::{
-    AttrsExt, DType, Error, Kernel, KernelDef, KernelInit, OpKernel, OpKernelContext, Result, Shape, Tensor,
-    TypeOf, MAX_RANK,
+    AttrsExt, DType, Device, Error, Kernel, KernelDef, KernelInit, OpKernel, OpKernelContext, Result, Shape,
+    Tensor, TypeOf, MAX_RANK,
 };
 
 use KernelArg::{Ptr, I32, U64};
@@ -412,7 +412,30 @@ pub fn cross_entropy(dev: &CudaDevice, logits: &Tensor, labels: &Tensor) -> Resu
 /// Tile edge of cuda/matmul.cu.
 const TILE: u64 = 16;
 
+/// Which implementation a MatMul runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatMulImpl {
+    /// cuBLAS where the device has it, else the tiled kernel.
+    Auto,
+    /// cuBLAS; `Unavailable` where the device has none.
+    Cublas,
+    /// The own tiled kernel of cuda/matmul.cu.
+    Tiled,
+}
+
 pub fn matmul(dev: &CudaDevice, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    matmul_using(dev, MatMulImpl::Auto, a, b, ta, tb)
+}
+
+/// `op(a)·op(b)` for matrices, with the implementation `imp`.
+pub fn matmul_using(
+    dev: &CudaDevice,
+    imp: MatMulImpl,
+    a: &Tensor,
+    b: &Tensor,
+    ta: bool,
+    tb: bool,
+) -> Result<Tensor> {
     let sfx = same_float(a, b)?;
     let (sa, sb) = (a.shape(), b.shape());
     if sa.rank() != 2 || sb.rank() != 2 {
@@ -423,9 +446,25 @@ pub fn matmul(dev: &CudaDevice, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> R
     if k != k2 {
         return Err(Error::invalid_argument(format!("inner dimensions differ: {sa} and {sb}")));
     }
+    let blas = match imp {
+        MatMulImpl::Tiled => None,
+        MatMulImpl::Auto => dev.cublas(),
+        MatMulImpl::Cublas => Some(dev.cublas().ok_or_else(|| {
+            Error::unavailable(format!("no cuBLAS on {}: {}", dev.attributes().name, dev.matmul_backend()))
+        })?),
+    };
     let (a, b) = (dev.on_device(a)?, dev.on_device(b)?);
     let c = dev.alloc(a.dtype(), Shape::matrix(m, n))?;
     if m == 0 || n == 0 {
+        return Ok(c);
+    }
+    if let Some(blas) = blas {
+        if k == 0 {
+            // An empty sum: cuBLAS rejects k = 0, and C is all zeros.
+            dev.stream().memset_zero(dev.ptr(&c)?, c.byte_size())?;
+        } else {
+            blas.gemm(a.dtype(), (m, n, k), (ta, tb), dev.ptr(&a)?, dev.ptr(&b)?, dev.ptr(&c)?)?;
+        }
         return Ok(c);
     }
     let (m, n, k) = (m as u64, n as u64, k as u64);

@@ -1,6 +1,8 @@
-//! rill's GPU device: the CUDA driver API loaded at run time (libloading), an allocator, streams
-//! and PTX kernels. Without a driver or a GPU the factory reports `Unavailable` and the runtime
-//! has no GPU device.
+//! rill's GPU device: the CUDA driver API loaded at run time (libloading), an allocator, streams,
+//! PTX kernels and MatMul through cuBLAS (also loaded at run time; the own tiled kernel where it is
+//! missing). Without a driver or a GPU the factory reports `Unavailable` and the runtime has no
+//! GPU device. `README.md` describes the cuBLAS search and `cargo xtask gpu-check`, including its
+//! `--build-only DIR` bundle for GPU machines without cargo.
 
 #![deny(unsafe_code)]
 
@@ -15,7 +17,8 @@ pub use rill_graph::GpuOptions;
 
 use alloc::{BestFit, Plan, Stats};
 use driver::{
-    Context, DeviceBuffer, Driver, Function, KernelArg, LaunchConfig, Module, PinnedBuffer, Stream,
+    Context, Cublas, CublasLib, DeviceBuffer, Driver, Function, KernelArg, LaunchConfig, Module,
+    PinnedBuffer, Stream,
 };
 use ptx::PtxModule;
 use rill_graph::{
@@ -25,10 +28,14 @@ use rill_graph::{
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 
 /// Bytes of the pinned staging buffer each device copies through; larger tensors go in chunks.
 pub const STAGING_BYTES: usize = 16 << 20;
+/// Bytes of the cuBLAS workspace each device gives its handle from its own reservation (what
+/// cuBLAS asks for on Hopper); without it cuBLAS would allocate beside the reservation, which by
+/// default leaves only a tenth of the GPU free.
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Threads that run this device's kernels. Kernels only enqueue work on the stream, so two keep
 /// the GPU fed while one waits in a copy.
 pub const LAUNCH_THREADS: usize = 2;
@@ -192,12 +199,22 @@ impl TaskPool {
     }
 }
 
-/// A GPU: its context, one stream all kernels and copies are ordered on, its memory, and the
-/// PTX modules loaded on first use.
+/// The cuBLAS library a device makes its handle from, or why there is none (then MatMul runs
+/// the own tiled kernel).
+pub type BlasLibrary = std::result::Result<Arc<CublasLib>, Error>;
+
+/// A GPU: its context, one stream all kernels and copies are ordered on, its memory, the PTX
+/// modules loaded on first use, and a cuBLAS handle on the stream where cuBLAS was found.
 pub struct CudaDevice {
     attrs: DeviceAttributes,
     resources: ResourceMgr,
     ctx: Arc<Context>,
+    // Declared before `stream` and the workspace: fields drop in order, and the handle must go
+    // before its stream and its workspace memory.
+    blas: Option<Cublas>,
+    _blas_workspace: Option<GpuMemory>,
+    /// Which MatMul runs and why: "cuBLAS 12.4.5 (libcublas.so.12)" or the fallback's reason.
+    matmul_backend: String,
     stream: Stream,
     mem: Arc<MemPool>,
     staging: Mutex<PinnedBuffer>,
@@ -213,26 +230,54 @@ impl fmt::Debug for CudaDevice {
 }
 
 impl CudaDevice {
-    /// The device for driver ordinal `ordinal`, named `name`, reserving memory as `opts` say.
+    /// The device for driver ordinal `ordinal`, named `name`, reserving memory as `opts` say,
+    /// with a cuBLAS handle from `blas` when it holds a library.
     pub fn new(
         driver: &Arc<Driver>,
         ordinal: usize,
         name: DeviceName,
         opts: &GpuOptions,
+        blas: &BlasLibrary,
     ) -> Result<CudaDevice> {
         let ctx = Context::new(driver.clone(), ordinal)?;
         let full = name.to_string();
         let (free, total) = ctx.mem_info()?;
         let plan = Plan::new(opts, total as u64, free as u64)?;
         let (major, minor) = ctx.compute_capability()?;
-        let description = format!(
-            "device: {ordinal}, name: {}, compute capability: {major}.{minor}, memory: {total} bytes",
-            ctx.name()?
-        );
         let stream = Stream::new(&ctx)?;
         let staging = PinnedBuffer::alloc(&ctx, STAGING_BYTES)?;
         let mem = Arc::new(MemPool::new(ctx.clone(), full.clone(), plan)?);
-        Ok(CudaDevice {
+        let (blas, workspace, matmul_backend) =
+            match blas.as_ref().map(|lib| Cublas::new(lib.clone(), &stream)) {
+                Ok(Ok(h)) => {
+                    let ws = mem.alloc(CUBLAS_WORKSPACE_BYTES as u64).map(|addr| GpuMemory {
+                        pool: mem.clone(),
+                        addr,
+                        len: CUBLAS_WORKSPACE_BYTES,
+                    });
+                    // Without our workspace (no memory left, or a cuBLAS before 11.4) cuBLAS still
+                    // works, with memory of its own; the description says which.
+                    let ws = match ws {
+                        Ok(w) if matches!(h.set_workspace(w.addr, w.len), Ok(true)) => Some(w),
+                        _ => None,
+                    };
+                    let what = format!(
+                        "cuBLAS {} ({}), workspace {}",
+                        h.version_text(),
+                        h.origin(),
+                        if ws.is_some() { "from the device's reservation" } else { "cuBLAS's own" }
+                    );
+                    (Some(h), ws, what)
+                }
+                Ok(Err(e)) => (None, None, format!("own tiled kernel ({})", e.msg)),
+                Err(e) => (None, None, format!("own tiled kernel ({})", e.msg)),
+            };
+        let description = format!(
+            "device: {ordinal}, name: {}, compute capability: {major}.{minor}, memory: {total} bytes, \
+             matmul: {matmul_backend}",
+            ctx.name()?
+        );
+        let dev = CudaDevice {
             attrs: DeviceAttributes {
                 name,
                 device_type: "GPU".into(),
@@ -241,6 +286,9 @@ impl CudaDevice {
                 description,
             },
             resources: ResourceMgr::new(),
+            blas,
+            _blas_workspace: workspace,
+            matmul_backend,
             stream,
             mem,
             staging: Mutex::new(staging),
@@ -248,7 +296,14 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             tasks: TaskPool::new(&format!("rill-gpu{ordinal}"), LAUNCH_THREADS),
             ctx,
-        })
+        };
+        // Every module now rather than at a kernel's first launch: the driver's JIT takes up to
+        // seconds on a cold cache, and inside a step that delay lands on whatever waits for the
+        // step (a synchronous-training round with a deadline, a remote peer).
+        for m in PtxModule::ALL {
+            dev.module(m)?;
+        }
+        Ok(dev)
     }
 
     pub fn context(&self) -> &Arc<Context> {
@@ -261,6 +316,16 @@ impl CudaDevice {
 
     pub fn memory(&self) -> &Arc<MemPool> {
         &self.mem
+    }
+
+    /// This device's cuBLAS handle, when cuBLAS was found.
+    pub fn cublas(&self) -> Option<&Cublas> {
+        self.blas.as_ref()
+    }
+
+    /// Which MatMul implementation this device runs, and why (also in its description).
+    pub fn matmul_backend(&self) -> &str {
+        &self.matmul_backend
     }
 
     /// Waits for everything enqueued on this device.
@@ -326,6 +391,18 @@ impl CudaDevice {
         Ok(host)
     }
 
+    /// PTX module `module`, loaded (JIT-compiled by the driver for this GPU) on first use.
+    fn module(&self, module: PtxModule) -> Result<Arc<Module>> {
+        let mut mods = lock(&self.modules);
+        if let Some(m) = mods.get(&module) {
+            return Ok(m.clone());
+        }
+        let m = Module::load_ptx(&self.ctx, module.ptx())
+            .map_err(|e| e.context(format!("loading PTX module {}", module.name())))?;
+        mods.insert(module, m.clone());
+        Ok(m)
+    }
+
     /// The kernel `name` (e.g. `binary_f16`), loading its PTX module on first use.
     pub fn function(&self, name: &str) -> Result<Arc<Function>> {
         if let Some(f) = lock(&self.functions).get(name) {
@@ -333,19 +410,7 @@ impl CudaDevice {
         }
         let (module, params) =
             ptx::kernel_spec(name).ok_or_else(|| Error::internal(format!("no GPU kernel named {name}")))?;
-        let m = {
-            let mut mods = lock(&self.modules);
-            match mods.get(&module) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = Module::load_ptx(&self.ctx, module.ptx())
-                        .map_err(|e| e.context(format!("loading PTX module {}", module.name())))?;
-                    mods.insert(module, m.clone());
-                    m
-                }
-            }
-        };
-        let f = Arc::new(m.function(name, params)?);
+        let f = Arc::new(self.module(module)?.function(name, params)?);
         lock(&self.functions).insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -378,8 +443,11 @@ impl Device for CudaDevice {
         }
     }
     fn from_host(&self, t: Tensor) -> Result<Tensor> {
-        if t.dtype().size().is_none() {
-            // Strings and resource handles stay on the host, as in TensorFlow.
+        if t.dtype().size().is_none() || t.dtype() == DType::I32 {
+            // Strings and resource handles stay on the host, and so do int32 tensors, as in
+            // TensorFlow: they are shapes and axes, which kernels read on the host; a kernel that
+            // computes with one copies it over itself (`on_device`). Uploading them on arrival
+            // would cost two synchronising copies per shape argument.
             return Ok(t);
         }
         self.on_device(&t)
@@ -389,16 +457,19 @@ impl Device for CudaDevice {
     }
 }
 
-/// Creates one `CudaDevice` per visible GPU. Owns the loaded driver it creates devices from.
+/// Creates one `CudaDevice` per visible GPU. Owns the loaded driver it creates devices from, and
+/// the result of the cuBLAS search, done once on first use (sessions create devices often).
 #[derive(Debug)]
 pub struct CudaDeviceFactory {
     library_names: Vec<String>,
+    blas: OnceLock<BlasLibrary>,
 }
 
 impl Default for CudaDeviceFactory {
     fn default() -> Self {
         CudaDeviceFactory {
             library_names: driver::sys::LIBCUDA_NAMES.iter().map(|s| s.to_string()).collect(),
+            blas: OnceLock::new(),
         }
     }
 }
@@ -410,7 +481,15 @@ impl CudaDeviceFactory {
 
     /// A factory that loads the driver from the given names or paths instead of `libcuda.so.1`.
     pub fn with_library_names(names: &[&str]) -> CudaDeviceFactory {
-        CudaDeviceFactory { library_names: names.iter().map(|s| s.to_string()).collect() }
+        CudaDeviceFactory {
+            library_names: names.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The cuBLAS library devices of this factory use (searched on the first call).
+    pub fn blas_library(&self) -> &BlasLibrary {
+        self.blas.get_or_init(CublasLib::load)
     }
 
     /// Loads the driver and checks that it shows at least one GPU.
@@ -447,7 +526,8 @@ impl DeviceFactory for CudaDeviceFactory {
                 let mut name = task.clone();
                 name.device_type = Some("GPU".into());
                 name.id = Some(i as u32);
-                Ok(Arc::new(CudaDevice::new(&driver, ord, name, &opts.gpu_options)?) as Arc<dyn Device>)
+                let dev = CudaDevice::new(&driver, ord, name, &opts.gpu_options, self.blas_library())?;
+                Ok(Arc::new(dev) as Arc<dyn Device>)
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! Every GPU kernel against a CPU reference on random inputs, for `examples/gpu_check.rs` and the
 //! tests on machines with a GPU. Half types are compared with a tolerance for their precision.
 
-use crate::kernels::{self, BinaryOp, ReduceOp, UnaryOp, GPU_FLOATS};
+use crate::kernels::{self, BinaryOp, MatMulImpl, ReduceOp, UnaryOp, GPU_FLOATS};
 use crate::CudaDevice;
 use rill_graph::half::{bf16, f16};
 use rill_graph::{DType, Device, Error, Result, Shape, Tensor};
@@ -152,6 +152,7 @@ pub fn run_all(dev: &CudaDevice) -> Vec<Check> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut push =
         |name: String, d: DType, r: Result<f64>| out.push(Check { name, result: r, tolerance: tolerance(d) });
+    let push = &mut push;
     for &d in GPU_FLOATS {
         for op in UnaryOp::ALL {
             let positive = matches!(op, UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Log | UnaryOp::Reciprocal);
@@ -275,19 +276,7 @@ pub fn run_all(dev: &CudaDevice) -> Vec<Check> {
             });
             push(format!("{what} {d}"), d, r);
         }
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let (m, n, k) = (33, 29, 47);
-            let (va, vb) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0));
-            let r = (|| {
-                let (a, b) = (rounded(d, &va)?, rounded(d, &vb)?);
-                let want = matmul_ref(&a, &b, m, n, k, ta, tb);
-                let sa: &[usize] = if ta { &[k, m] } else { &[m, k] };
-                let sb: &[usize] = if tb { &[n, k] } else { &[k, n] };
-                let c = kernels::matmul(dev, &tensor(d, sa, &va)?, &tensor(d, sb, &vb)?, ta, tb)?;
-                compare(dev, &c, &want, &[m, n])
-            })();
-            push(format!("MatMul transpose_a={ta} transpose_b={tb} {d}"), d, r);
-        }
+        matmul_checks(dev, d, &mut rng, push);
         for &to in GPU_FLOATS {
             let v = rng.vec(300, -100.0, 100.0);
             let r = (|| {
@@ -299,6 +288,43 @@ pub fn run_all(dev: &CudaDevice) -> Vec<Check> {
     }
     apply_checks(dev, &mut rng, &mut out);
     out
+}
+
+/// `(m, n, k)` of the MatMul checks: odd sizes that cross tile edges, a vector, single elements,
+/// an empty sum (k = 0), and one large enough for cuBLAS to pick a tensor-core algorithm.
+const MATMUL_SHAPES: [(usize, usize, usize); 5] =
+    [(33, 29, 47), (1, 1, 1), (1, 130, 257), (5, 3, 0), (257, 129, 300)];
+
+/// Every MatMul implementation the device has (the tiled kernel, and cuBLAS where loaded), every
+/// transpose combination, against the CPU reference.
+fn matmul_checks(
+    dev: &CudaDevice,
+    d: DType,
+    rng: &mut Rng,
+    push: &mut impl FnMut(String, DType, Result<f64>),
+) {
+    let imps: &[(MatMulImpl, &str)] = if dev.cublas().is_some() {
+        &[(MatMulImpl::Tiled, "tiled"), (MatMulImpl::Cublas, "cuBLAS")]
+    } else {
+        &[(MatMulImpl::Tiled, "tiled")]
+    };
+    for &(m, n, k) in &MATMUL_SHAPES {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (va, vb) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0));
+            for &(imp, what) in imps {
+                let r = (|| {
+                    let (a, b) = (rounded(d, &va)?, rounded(d, &vb)?);
+                    let want = matmul_ref(&a, &b, m, n, k, ta, tb);
+                    let sa: &[usize] = if ta { &[k, m] } else { &[m, k] };
+                    let sb: &[usize] = if tb { &[n, k] } else { &[k, n] };
+                    let c =
+                        kernels::matmul_using(dev, imp, &tensor(d, sa, &va)?, &tensor(d, sb, &vb)?, ta, tb)?;
+                    compare(dev, &c, &want, &[m, n])
+                })();
+                push(format!("MatMul {what} {m}x{n}x{k} transpose_a={ta} transpose_b={tb} {d}"), d, r);
+            }
+        }
+    }
 }
 
 fn apply_checks(dev: &CudaDevice, rng: &mut Rng, out: &mut Vec<Check>) {

@@ -2,7 +2,8 @@
 //! allocator tables, the PTX table, and, where a GPU is present, every kernel against the CPU.
 
 use rill_device_cuda::alloc::{oom_error, round_up, BestFit, Plan, ALIGN_BYTES, GROWTH_CHUNK_MIN_BYTES};
-use rill_device_cuda::driver::Param;
+use rill_device_cuda::driver::cublas::{self, gemm_args, GemmArgs, SearchEnv, CUBLAS_NAMES};
+use rill_device_cuda::driver::{CublasLib, Param};
 use rill_device_cuda::ptx::{kernel_spec, PtxModule, KERNELS as PTX_KERNELS};
 use rill_device_cuda::{selfcheck, visible_ordinals, CudaDevice, CudaDeviceFactory, GpuOptions, KERNELS};
 use rill_graph::{Code, DType, DeviceFactory, DeviceName, SessionOptions, TypeOf};
@@ -31,10 +32,102 @@ fn default_factory_gives_gpus_or_unavailable() {
             assert!(!devs.is_empty());
             for (i, d) in devs.iter().enumerate() {
                 assert_eq!(d.name().to_string(), format!("/job:localhost/replica:0/task:0/device:GPU:{i}"));
+                // The description says which MatMul runs: cuBLAS exactly when the device has it.
+                let gpu = d.as_any().downcast_ref::<CudaDevice>().expect("a CudaDevice");
+                let desc = &d.attributes().description;
+                assert!(desc.ends_with(&format!("matmul: {}", gpu.matmul_backend())), "{desc}");
+                assert_eq!(gpu.matmul_backend().starts_with("cuBLAS"), gpu.cublas().is_some(), "{desc}");
             }
         }
         Err(e) => assert_eq!(e.code, Code::Unavailable, "{e}"),
     }
+}
+
+#[test]
+fn missing_or_broken_cublas_is_unavailable() {
+    let dir = scratch_dir("broken");
+    let fake = dir.join("libcublas.so.12");
+    std::fs::write(&fake, b"not a shared object").unwrap();
+    let names = ["/nonexistent/libcublas.so.12".to_string(), fake.to_string_lossy().into_owned()];
+    let e = CublasLib::load_from(&names).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(e.msg.contains("/nonexistent/libcublas.so.12") && e.msg.contains(&names[1]), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn scratch_dir(what: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rill-cublas-{what}-{}-{}",
+        std::process::id(),
+        rill_graph::random_u64()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn cublas_loads_with_every_symbol_or_is_unavailable() {
+    // Loading needs no GPU: where cuBLAS is installed this resolves every symbol rill calls.
+    match CublasLib::load() {
+        Ok(lib) => assert!(lib.origin().contains("libcublas"), "{lib:?}"),
+        Err(e) => assert_eq!(e.code, Code::Unavailable, "{e}"),
+    }
+}
+
+#[test]
+fn cublas_search_order() {
+    let venv = scratch_dir("venv");
+    let lib = venv.join("lib/python3.11/site-packages/nvidia/cublas/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(lib.join("libcublas.so.12"), b"").unwrap();
+    let wheel = lib.join("libcublas.so.12").to_string_lossy().into_owned();
+    let asked = std::cell::Cell::new(0);
+    let python = || {
+        asked.set(asked.get() + 1);
+        vec![venv.join("lib/python3.11/site-packages")]
+    };
+    let vars = |set: Vec<(&'static str, String)>| {
+        move |k: &str| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    };
+    // The loader's names first, then files found under the virtual environment.
+    let v = vars(vec![("VIRTUAL_ENV", venv.to_string_lossy().into_owned())]);
+    let c = cublas::candidates(&SearchEnv { var: &v, python_sites: &python }).unwrap();
+    assert_eq!(&c[..CUBLAS_NAMES.len()], CUBLAS_NAMES);
+    assert!(c.contains(&wheel), "{c:?}");
+    assert_eq!(asked.get(), 0, "python is asked only when the scan finds nothing");
+    // Without the environment variable, the python fallback finds the same wheel, unless this
+    // machine has a cuBLAS of its own in a standard place (then python is not asked).
+    let none = vars(vec![]);
+    let c = cublas::candidates(&SearchEnv { var: &none, python_sites: &python }).unwrap();
+    assert!(c.len() > CUBLAS_NAMES.len(), "{c:?}");
+    assert!(asked.get() == 0 || c.contains(&wheel), "{c:?}");
+    // RILL_CUBLAS names the only candidate, or turns cuBLAS off.
+    let set = vars(vec![("RILL_CUBLAS", "/opt/x/libcublas.so.12".into())]);
+    let c = cublas::candidates(&SearchEnv { var: &set, python_sites: &python });
+    assert_eq!(c, Some(vec!["/opt/x/libcublas.so.12".to_string()]));
+    for off in ["none", "OFF", "0"] {
+        let v = vars(vec![("RILL_CUBLAS", off.into())]);
+        assert_eq!(cublas::candidates(&SearchEnv { var: &v, python_sites: &python }), None);
+    }
+    std::fs::remove_dir_all(&venv).unwrap();
+}
+
+#[test]
+fn row_major_gemm_swaps_operands() {
+    let (n_op, t_op) = (0, 1);
+    // (m, n, k, ta, tb) -> column-major call computing C^T = op(B)^T op(A)^T
+    let cases = [
+        ((2, 3, 4, false, false), (n_op, n_op, 3, 2, 4, 3, 4, 3)),
+        ((2, 3, 4, true, false), (n_op, t_op, 3, 2, 4, 3, 2, 3)),
+        ((2, 3, 4, false, true), (t_op, n_op, 3, 2, 4, 4, 4, 3)),
+        ((2, 3, 4, true, true), (t_op, t_op, 3, 2, 4, 4, 2, 3)),
+        ((1, 1, 1, false, false), (n_op, n_op, 1, 1, 1, 1, 1, 1)),
+    ];
+    for ((m, n, k, ta, tb), (op_first, op_second, cm, cn, ck, ld_first, ld_second, ldc)) in cases {
+        let want = GemmArgs { op_first, op_second, m: cm, n: cn, k: ck, ld_first, ld_second, ldc };
+        assert_eq!(gemm_args(m, n, k, ta, tb).unwrap(), want, "{m}x{n}x{k} ta={ta} tb={tb}");
+    }
+    assert_eq!(gemm_args(1 << 31, 1, 1, false, false).map_err(|e| e.code), Err(Code::InvalidArgument));
 }
 
 #[test]

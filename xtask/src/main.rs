@@ -4,7 +4,8 @@
 //! - `cargo xtask demo [--workers N] [--ps N] [--mode sync|async] [--steps N] [--model mlp|cnn]`:
 //!   the README's main job, a local cluster training the digits model.
 //! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
-//! - `cargo xtask gpu-check`: the one script for a machine with a GPU ("no GPU" is a failure).
+//! - `cargo xtask gpu-check [--build-only DIR]`: the one script for a machine with a GPU ("no GPU"
+//!   is a failure); `--build-only` makes a bundle for a GPU machine without cargo (`DIR/run.sh`).
 //! - `cargo xtask ptx`: regenerates the committed PTX from `device-cuda/cuda/*.cu`.
 
 mod bench;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "demo" => demo::demo(&workspace_root(), &cargo, &args[1..]),
         "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
-        "gpu-check" => gpu_check::gpu_check(),
+        "gpu-check" => gpu_check::gpu_check(&args[1..]),
         "ptx" => ptx(),
         _ => return usage(),
     };

@@ -5,10 +5,12 @@
 #![allow(unsafe_code)]
 
 // Crate-private: these take raw handles whose validity only `safe` can vouch for.
+pub mod cublas;
 pub(crate) mod result;
 pub mod safe;
 pub mod sys;
 
+pub use cublas::{Cublas, CublasLib};
 pub use safe::{
     Context, DeviceBuffer, Driver, Event, Function, KernelArg, LaunchConfig, Module, Param, PinnedBuffer,
     Stream,

@@ -308,6 +308,11 @@ impl Stream {
         &self.ctx
     }
 
+    /// The raw handle, for libraries that enqueue on this stream (cuBLAS).
+    pub(crate) fn raw(&self) -> CUstream {
+        self.raw
+    }
+
     /// Waits for all work enqueued so far; a kernel fault surfaces here as an error.
     pub fn synchronize(&self) -> Result<()> {
         self.ctx.bind()?;
