@@ -50,7 +50,7 @@ pub use session::{
     DirectSession, GpuOptions, RunMetadata, RunOptions, Runtime, Session, SessionOptions, TraceLevel,
 };
 pub use shape::{PartialShape, Shape, MAX_RANK};
-pub use tensor::{Buffer, BufferRecycler, DeviceMemory, Tensor};
+pub use tensor::{Buffer, BufferRecycler, DeviceMemory, ExternalMemory, Tensor, BUFFER_ALIGN};
 pub use trace::StepStats;
 pub use types::{DType, Element};
 

@@ -17,6 +17,14 @@ pub trait BufferRecycler: Send + Sync {
     fn recycle(&self, bytes: Vec<u8>);
 }
 
+/// Host memory a buffer borrows from an owner outside the allocator (a shared-memory segment this
+/// process maps): the owner keeps the bytes valid while the buffer lives and takes them back when
+/// the buffer drops. The bytes must start on a `BUFFER_ALIGN` boundary.
+pub trait ExternalMemory: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
 /// A 64-byte-aligned host buffer of `len` bytes.
 ///
 /// The bytes live in a `Vec<u8>`; the buffer starts at the first 64-byte boundary inside it.
@@ -29,6 +37,8 @@ pub struct Buffer {
     offset: usize,
     len: usize,
     recycler: Option<Arc<dyn BufferRecycler>>,
+    /// When set, the buffer's bytes are this memory's (and `bytes` is empty).
+    external: Option<Box<dyn ExternalMemory>>,
 }
 
 fn align_offset(bytes: &[u8]) -> usize {
@@ -40,7 +50,20 @@ impl Buffer {
     /// A zeroed buffer.
     pub fn zeroed(len: usize) -> Buffer {
         let bytes = vec![0u8; len + BUFFER_ALIGN - 1];
-        Buffer { offset: align_offset(&bytes), bytes, len, recycler: None }
+        Buffer { offset: align_offset(&bytes), bytes, len, recycler: None, external: None }
+    }
+
+    /// A buffer over memory owned elsewhere (see [`ExternalMemory`]), without a copy; `None` when
+    /// the memory does not start on a `BUFFER_ALIGN` boundary.
+    pub fn from_external(mem: Box<dyn ExternalMemory>) -> Option<Buffer> {
+        let (addr, len) = (mem.bytes().as_ptr() as usize, mem.bytes().len());
+        (addr % BUFFER_ALIGN == 0).then(|| Buffer {
+            len,
+            bytes: Vec::new(),
+            offset: 0,
+            recycler: None,
+            external: Some(mem),
+        })
     }
 
     /// Bytes needed in a `Vec` to hold an aligned buffer of `len` bytes.
@@ -52,7 +75,13 @@ impl Buffer {
     /// dropped; `None` when `bytes` is too short for `len` aligned bytes.
     pub fn from_recycled(bytes: Vec<u8>, len: usize, recycler: Arc<dyn BufferRecycler>) -> Option<Buffer> {
         let offset = align_offset(&bytes);
-        (offset + len <= bytes.len()).then_some(Buffer { bytes, offset, len, recycler: Some(recycler) })
+        (offset + len <= bytes.len()).then_some(Buffer {
+            bytes,
+            offset,
+            len,
+            recycler: Some(recycler),
+            external: None,
+        })
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -68,12 +97,18 @@ impl Buffer {
 
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[self.offset..self.offset + self.len]
+        match &self.external {
+            None => &self.bytes[self.offset..self.offset + self.len],
+            Some(m) => m.bytes(),
+        }
     }
 
     #[inline]
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.offset..self.offset + self.len]
+        match &mut self.external {
+            None => &mut self.bytes[self.offset..self.offset + self.len],
+            Some(m) => m.bytes_mut(),
+        }
     }
 }
 
@@ -616,5 +651,64 @@ impl<'de> Deserialize<'de> for Tensor {
             }
             dt => Tensor::from_bytes(dt, r.shape, &r.bytes).map_err(D::Error::custom),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Memory lent by an owner that counts how often it got its memory back.
+    struct Lent(Buffer, Arc<AtomicUsize>);
+
+    impl ExternalMemory for Lent {
+        fn bytes(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+        fn bytes_mut(&mut self) -> &mut [u8] {
+            self.0.as_bytes_mut()
+        }
+    }
+
+    impl Drop for Lent {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn external_memory_is_used_in_place_and_returned_on_drop() {
+        let back = Arc::new(AtomicUsize::new(0));
+        // Larger than `INLINE_BYTES`, so the tensor keeps the buffer.
+        let data: Vec<u8> = (0..64).collect();
+        let mut buf =
+            Buffer::from_external(Box::new(Lent(Buffer::from_bytes(&data), back.clone()))).expect("aligned");
+        assert_eq!(buf.as_bytes(), &data[..]);
+        buf.as_bytes_mut()[0] = 99;
+        // A clone is a plain copy; the original still uses the lent memory.
+        let copy = buf.clone();
+        assert_eq!(copy.as_bytes()[..2], [99, 1]);
+        let t = Tensor::from_buffer(DType::U8, Shape::vector(64), buf).unwrap();
+        assert_eq!(t.as_bytes().unwrap()[..2], [99, 1]);
+        assert_eq!(back.load(Ordering::Relaxed), 0);
+        drop(t);
+        assert_eq!(back.load(Ordering::Relaxed), 1);
+        drop(copy);
+        assert_eq!(back.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn misaligned_external_memory_is_refused() {
+        struct Off(Buffer);
+        impl ExternalMemory for Off {
+            fn bytes(&self) -> &[u8] {
+                &self.0.as_bytes()[1..]
+            }
+            fn bytes_mut(&mut self) -> &mut [u8] {
+                &mut self.0.as_bytes_mut()[1..]
+            }
+        }
+        assert!(Buffer::from_external(Box::new(Off(Buffer::zeroed(8)))).is_none());
     }
 }

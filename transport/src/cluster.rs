@@ -191,6 +191,15 @@ pub struct ServerDef {
     pub default_session_options: SessionOptions,
     /// Shared secret for the handshake; `None` accepts any peer that speaks the protocol.
     pub secret: Option<Vec<u8>>,
+    /// Whether tensor bodies to tasks on the same host may go through shared memory (see
+    /// `shm_enabled_by_env`: on unless `RILL_SHM=0`); off, every byte crosses the TCP socket.
+    pub shm: bool,
+}
+
+/// The default of [`ServerDef::shm`] and `TransportOptions::shm`: on unless the environment sets
+/// `RILL_SHM=0` (the switch for comparing the shared-memory path with plain TCP).
+pub fn shm_enabled_by_env() -> bool {
+    std::env::var("RILL_SHM").map_or(true, |v| v != "0")
 }
 
 impl ServerDef {
@@ -203,6 +212,7 @@ impl ServerDef {
             protocol: "tcp".into(),
             default_session_options: SessionOptions::default(),
             secret: None,
+            shm: shm_enabled_by_env(),
         })
     }
 

@@ -1,12 +1,16 @@
-//! The transport: one mio event-loop thread per `Transport` owns the listener and every connection;
-//! other threads hand it work through a bounded channel and a `Waker`. Requests are answered by a
-//! handler that runs on a small pool of threads, never on the loop.
+//! The transport: one mio event-loop thread per `Transport` owns the listener, every connection's
+//! reading side and the timers; other threads hand it work through a bounded channel and a `Waker`.
+//! Requests are answered by a handler that runs on a small pool of threads, never on the loop.
 //!
 //! The loop reads each socket until `WouldBlock`, reading large bodies straight into their
-//! destination buffers; it keeps write interest only while a connection's write queue is non-empty;
-//! deadlines (calls, handshakes) sit in a timer heap that bounds each `poll`.
+//! destination buffers. Writes go through each connection's `Outbox`: a thread sending a request or
+//! an answer while nothing is queued writes it itself (a hand-off to the loop costs a wake-up on
+//! each side); the loop writes what the socket did not take, keeping write interest only while
+//! bytes are queued. Deadlines (calls, handshakes) sit in a timer heap that bounds each `poll`.
 
-use crate::conn::{CallDone, Conn, ConnectDone, PendingCall, Phase, Response};
+use crate::body_pool::BodyPool;
+use crate::conn::{CallDone, Called, Conn, ConnectDone, Outbox, PendingCall, Phase, Response};
+use crate::dedup::SeenRequests;
 use crate::handshake::{random_nonce, Handshake, Identity, PeerInfo};
 use crate::wire::{
     from_meta, to_meta, BodyDest, BodySource, Decoded, Frame, FrameKind, FrameLimits, OutFrame, WireError,
@@ -15,12 +19,12 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use rill_graph::{Buffer, Code, Error, Result};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -91,6 +95,11 @@ impl Default for Limits {
 /// the `Responder` (which may move to any thread) when the answer has to wait.
 pub type Handler = Arc<dyn Fn(Request, Responder) + Send + Sync>;
 
+/// Runs on the event-loop thread before a request goes to the handler pool: it answers the
+/// requests that never wait (registering a callback, say) and gives the others back. It must not
+/// block or run long: every connection of the process waits while it runs.
+pub type InlineHandler = Arc<dyn Fn(Request, Responder) -> Option<(Request, Responder)> + Send + Sync>;
+
 /// How to start a transport.
 #[derive(Clone)]
 pub struct TransportOptions {
@@ -103,7 +112,11 @@ pub struct TransportOptions {
     pub task: u32,
     pub incarnation: u64,
     pub handler: Option<Handler>,
+    /// Tried first, on the loop thread (see [`InlineHandler`]); needs `handler` too.
+    pub inline_handler: Option<InlineHandler>,
     pub limits: Limits,
+    /// Offer same-host shared memory to peers (the handshake tells them this host's identity).
+    pub shm: bool,
 }
 
 impl Default for TransportOptions {
@@ -116,7 +129,9 @@ impl Default for TransportOptions {
             task: 0,
             incarnation: rill_graph::random_u64(),
             handler: None,
+            inline_handler: None,
             limits: Limits::default(),
+            shm: crate::cluster::shm_enabled_by_env(),
         }
     }
 }
@@ -162,17 +177,35 @@ impl CallOptions {
 }
 
 enum Command {
-    Register { stream: std::net::TcpStream, addr: SocketAddr, deadline: Instant, done: ConnectDone },
-    Call { token: Token, peer: String, call_id: u64, frame: OutFrame, pending: PendingCall },
-    Send { token: Token, call_id: u64, frame: OutFrame, kind: FrameKind },
-    Close { token: Token },
+    Register {
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        deadline: Instant,
+        done: ConnectDone,
+    },
+    /// Bytes an answering thread could not write at once wait in the connection's outbox.
+    Flush {
+        token: Token,
+    },
+    Close {
+        token: Token,
+    },
 }
 
 struct Shared {
     commands: SyncSender<Command>,
     waker: Waker,
     limits: Limits,
+    /// The next request id: one counter for every connection, so ids name this incarnation's
+    /// requests uniquely; taken under a connection's outbox lock, so on each connection they
+    /// increase in the order requests are written.
     next_call_id: AtomicU64,
+    /// Call deadlines from other threads, for the loop's timer heap.
+    timer_inbox: Mutex<Vec<(Instant, Timer)>>,
+    /// When the sleeping loop will next look at its timers (nanoseconds since `epoch`;
+    /// `u64::MAX` while it is awake, since it drains the inbox before it sleeps).
+    wake_at: AtomicU64,
+    epoch: Instant,
     shutdown: AtomicBool,
     /// Bytes written to and read from every socket of this transport (frames included).
     bytes_sent: AtomicU64,
@@ -180,6 +213,19 @@ struct Shared {
 }
 
 impl Shared {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Gives the loop a call's deadline; wakes it only when it sleeps past that deadline.
+    fn add_timer(&self, at: Instant, timer: Timer) -> Result<()> {
+        self.timer_inbox.lock().unwrap_or_else(|e| e.into_inner()).push((at, timer));
+        if self.nanos(at) < self.wake_at.load(Ordering::SeqCst) {
+            self.waker.wake().map_err(|e| Error::internal(format!("waking the event loop: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Hands a command to the loop, waiting a bounded time for room in the queue.
     fn submit(&self, mut cmd: Command) -> Result<()> {
         let deadline = Instant::now() + Duration::from_millis(COMMAND_SUBMIT_TIMEOUT_MS);
@@ -246,6 +292,9 @@ impl Transport {
             waker,
             limits,
             next_call_id: AtomicU64::new(1),
+            timer_inbox: Mutex::new(Vec::new()),
+            wake_at: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
             shutdown: AtomicBool::new(false),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -255,6 +304,7 @@ impl Transport {
             job: opts.job.clone(),
             task: opts.task,
             incarnation: opts.incarnation,
+            host: if opts.shm { crate::shm::HostInfo::local() } else { None },
         };
         let jobs = match opts.handler {
             Some(handler) => Some(start_handlers(handler, &limits)?),
@@ -270,8 +320,11 @@ impl Transport {
             identity: identity.clone(),
             secret: opts.secret.map(Arc::new),
             jobs,
+            inline: opts.inline_handler,
             timers: BinaryHeap::new(),
             read_buf: vec![0; READ_BUFFER_SIZE].into_boxed_slice(),
+            seen: SeenRequests::new(),
+            body_pool: BodyPool::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("rill-transport-{}-{}", opts.job, opts.task))
@@ -312,13 +365,14 @@ impl Transport {
         self.shared.submit(Command::Register { stream, addr, deadline, done })?;
         let wait =
             deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(DEADLINE_GRACE_MS);
-        let (token, info) = match rx.recv_timeout(wait) {
+        let (token, info, out) = match rx.recv_timeout(wait) {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Error::deadline_exceeded(format!("handshake with {addr} did not finish in time")))
             }
         };
-        Ok(PeerHandle { shared: self.shared.clone(), token, addr, info })
+        let name = format!("{addr} ({})", info.name()).into();
+        Ok(PeerHandle { shared: self.shared.clone(), token, addr, info, name, out })
     }
 }
 
@@ -351,6 +405,10 @@ pub struct PeerHandle {
     token: Token,
     addr: SocketAddr,
     info: PeerInfo,
+    /// "127.0.0.1:4000 (/job:ps/task:0)", for errors; made once per connection.
+    name: Arc<str>,
+    /// The connection's write side: requests are written from the calling thread.
+    out: Arc<Outbox>,
 }
 
 impl std::fmt::Debug for PeerHandle {
@@ -368,13 +426,14 @@ impl PeerHandle {
         &self.info
     }
 
-    fn name(&self) -> String {
-        format!("{} ({})", self.addr, self.info.name())
+    fn name(&self) -> &str {
+        &self.name
     }
 
     /// Sends a request and calls `done` with the answer, an error from the peer, `DeadlineExceeded`
     /// at the deadline, or `Unavailable` when the connection drops. `done` runs on the event-loop
-    /// thread and must not block.
+    /// thread and must not block. The request is written from this thread when nothing is queued
+    /// before it. An `Err` means nothing was sent and `done` will not run.
     pub fn call_async(
         &self,
         meta: &[u8],
@@ -382,8 +441,7 @@ impl PeerHandle {
         opts: CallOptions,
         done: CallDone,
     ) -> Result<()> {
-        let call_id = self.shared.next_call_id.fetch_add(1, Ordering::Relaxed);
-        let frame = OutFrame::new(FrameKind::Request, call_id, meta, body, &self.shared.limits.frame)
+        let frame = OutFrame::new(FrameKind::Request, 0, meta, body, &self.shared.limits.frame)
             .map_err(|e| e.context(format!("call to {}", self.name())))?;
         let pending = PendingCall {
             done,
@@ -392,7 +450,25 @@ impl PeerHandle {
             response_buffer: opts.response_buffer,
             refused: None,
         };
-        self.shared.submit(Command::Call { token: self.token, peer: self.name(), call_id, frame, pending })
+        let deadline = pending.deadline;
+        let limits = &self.shared.limits;
+        match self.out.call(
+            frame,
+            pending,
+            &self.shared.next_call_id,
+            limits.calls_in_flight_max,
+            limits.write_queue_size_max,
+            &self.shared.bytes_sent,
+        ) {
+            Called::Refused(e) => Err(Error::new(e.code, format!("call to {}: {}", self.name(), e.msg))),
+            Called::Sent { call_id, more } => {
+                self.shared.add_timer(deadline, Timer::Call { token: self.token.0, call_id })?;
+                if more {
+                    self.shared.submit(Command::Flush { token: self.token })?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Sends a request and waits for its answer until `opts.deadline`.
@@ -427,6 +503,7 @@ impl PeerHandle {
 /// Answers one request, from any thread. Dropping it unanswered answers `Internal`.
 pub struct Responder {
     shared: Arc<Shared>,
+    out: Arc<Outbox>,
     token: Token,
     call_id: u64,
     answered: bool,
@@ -455,12 +532,25 @@ impl Responder {
                 }
             };
         self.answered = true;
-        self.shared.submit(Command::Send {
-            token: self.token,
-            call_id: self.call_id,
+        self.send(frame, FrameKind::Response)
+    }
+
+    /// Writes the answer from this thread when the connection's queue is empty, else leaves it to
+    /// the loop; the loop is woken only when bytes remain or the write failed.
+    fn send(&self, frame: OutFrame, kind: FrameKind) -> Result<()> {
+        let limits = &self.shared.limits;
+        let more = self.out.send(
             frame,
-            kind: FrameKind::Response,
-        })
+            kind,
+            self.call_id,
+            &limits.frame,
+            limits.write_queue_size_max,
+            &self.shared.bytes_sent,
+        );
+        if more {
+            self.shared.submit(Command::Flush { token: self.token })?;
+        }
+        Ok(())
     }
 
     /// Answers with an error; its code keeps its meaning on the caller's side.
@@ -472,12 +562,7 @@ impl Responder {
         self.answered = true;
         let meta = to_meta(&WireError::from(err))?;
         let frame = OutFrame::new(FrameKind::Error, self.call_id, &meta, None, &self.shared.limits.frame)?;
-        self.shared.submit(Command::Send {
-            token: self.token,
-            call_id: self.call_id,
-            frame,
-            kind: FrameKind::Error,
-        })
+        self.send(frame, FrameKind::Error)
     }
 }
 
@@ -490,28 +575,76 @@ impl Drop for Responder {
     }
 }
 
-fn start_handlers(handler: Handler, limits: &Limits) -> Result<(SyncSender<(Request, Responder)>, Handler)> {
-    let (tx, rx) = mpsc::sync_channel::<(Request, Responder)>(limits.handler_queue_len_max);
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..limits.handler_threads.max(1) {
-        let (rx, handler) = (rx.clone(), handler.clone());
-        std::thread::Builder::new()
-            .name(format!("rill-handler-{i}"))
-            .spawn(move || handler_thread(rx, handler))
-            .map_err(|e| Error::internal(format!("spawning a handler thread: {e}")))?;
-    }
-    Ok((tx, handler))
+/// Requests waiting for a handler thread. One condition variable wakes exactly one idle thread per
+/// request (a channel behind a mutex would wake a second thread to take over the receiver).
+struct HandlerQueue {
+    state: Mutex<(VecDeque<(Request, Responder)>, bool)>,
+    ready: Condvar,
+    len_max: usize,
 }
 
-/// Runs requests until the loop drops the sender; a panicking handler answers `Internal` (its
+impl HandlerQueue {
+    /// Queues a request; gives it back when the queue is full (or closed).
+    fn push(&self, job: (Request, Responder)) -> Option<(Request, Responder)> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 || g.0.len() >= self.len_max {
+            return Some(job);
+        }
+        g.0.push_back(job);
+        drop(g);
+        self.ready.notify_one();
+        None
+    }
+
+    /// The next request, or `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<(Request, Responder)> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = g.0.pop_front() {
+                return Some(job);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Closes the handler queue when the loop ends, so the handler threads finish.
+struct Jobs(Arc<HandlerQueue>);
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+fn start_handlers(handler: Handler, limits: &Limits) -> Result<Jobs> {
+    let queue = Arc::new(HandlerQueue {
+        state: Mutex::new((VecDeque::new(), false)),
+        ready: Condvar::new(),
+        len_max: limits.handler_queue_len_max,
+    });
+    for i in 0..limits.handler_threads.max(1) {
+        let (queue, handler) = (queue.clone(), handler.clone());
+        std::thread::Builder::new()
+            .name(format!("rill-handler-{i}"))
+            .spawn(move || handler_thread(&queue, handler))
+            .map_err(|e| Error::internal(format!("spawning a handler thread: {e}")))?;
+    }
+    Ok(Jobs(queue))
+}
+
+/// Runs requests until the loop closes the queue; a panicking handler answers `Internal` (its
 /// `Responder` is dropped while unwinding) and the thread lives on.
-fn handler_thread(rx: Arc<Mutex<Receiver<(Request, Responder)>>>, handler: Handler) {
-    loop {
-        let next = match rx.lock() {
-            Ok(guard) => guard.recv(),
-            Err(_) => return,
-        };
-        let Ok((req, responder)) = next else { return };
+fn handler_thread(queue: &HandlerQueue, handler: Handler) {
+    while let Some((req, responder)) = queue.pop() {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(req, responder))).is_err() {
             eprintln!("rill-transport: a request handler panicked; the call was answered with Internal");
         }
@@ -534,9 +667,12 @@ struct Loop {
     shared: Arc<Shared>,
     identity: Identity,
     secret: Option<Arc<Vec<u8>>>,
-    jobs: Option<(SyncSender<(Request, Responder)>, Handler)>,
+    jobs: Option<Jobs>,
+    inline: Option<InlineHandler>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     read_buf: Box<[u8]>,
+    seen: SeenRequests,
+    body_pool: Arc<BodyPool>,
 }
 
 impl Loop {
@@ -545,12 +681,26 @@ impl Loop {
         // Connections that hit their read budget and must be read again without a new event.
         let mut again: Vec<Token> = Vec::new();
         while !self.shared.shutdown.load(Ordering::Acquire) {
+            // Publish the planned wake-up before draining the inbox: a deadline added after the
+            // drain sees it and wakes the loop when it is earlier.
+            let next =
+                |timers: &BinaryHeap<Reverse<(Instant, Timer)>>| timers.peek().map(|Reverse((at, _))| *at);
+            self.shared
+                .wake_at
+                .store(next(&self.timers).map_or(u64::MAX - 1, |at| self.shared.nanos(at)), Ordering::SeqCst);
+            self.drain_timer_inbox();
+            let planned = next(&self.timers);
+            if let Some(at) = planned {
+                self.shared.wake_at.fetch_min(self.shared.nanos(at), Ordering::SeqCst);
+            }
             let timeout = if again.is_empty() {
-                self.timers.peek().map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()))
+                planned.map(|at| at.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            self.shared.wake_at.store(u64::MAX, Ordering::SeqCst);
+            if let Err(e) = polled {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -616,12 +766,27 @@ impl Loop {
                 }
             };
             let hs = Handshake::server(self.identity.clone(), self.secret.clone(), nonce);
-            let conn =
-                Conn::new(stream, addr, Phase::Handshaking { hs, done: None }, self.shared.limits.frame);
+            let conn = match Conn::new(
+                stream,
+                addr,
+                Phase::Handshaking { hs, done: None },
+                self.shared.limits.frame,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rill-transport: refusing {addr}: {e}");
+                    continue;
+                }
+            };
             self.conns.insert(token, conn);
             let at = Instant::now() + Duration::from_millis(self.shared.limits.handshake_timeout_ms);
             self.timers.push(Reverse((at, Timer::Handshake { token: token.0 })));
         }
+    }
+
+    fn drain_timer_inbox(&mut self) {
+        let added = std::mem::take(&mut *self.shared.timer_inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        self.timers.extend(added.into_iter().map(Reverse));
     }
 
     fn next_token(&mut self) -> Token {
@@ -641,34 +806,8 @@ impl Loop {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Register { stream, addr, deadline, done } => self.register(stream, addr, deadline, done),
-            Command::Call { token, peer, call_id, frame, pending } => {
-                let Some(mut conn) = self.conns.remove(&token) else {
-                    (pending.done)(Err(Error::unavailable(format!("the connection to {peer} is closed"))));
-                    return;
-                };
-                let name = conn.name();
-                if conn.pending.len() >= self.shared.limits.calls_in_flight_max {
-                    (pending.done)(Err(Error::resource_exhausted(format!(
-                        "{} calls already wait for {name} (calls_in_flight_max)",
-                        conn.pending.len()
-                    ))));
-                } else if let Err(e) =
-                    conn.enqueue(frame, FrameKind::Request, self.shared.limits.write_queue_size_max)
-                {
-                    (pending.done)(Err(e));
-                } else {
-                    self.timers.push(Reverse((pending.deadline, Timer::Call { token: token.0, call_id })));
-                    conn.pending.insert(call_id, pending);
-                }
-                self.finish_io(token, conn);
-            }
-            Command::Send { token, call_id, frame, kind } => {
-                let Some(mut conn) = self.conns.remove(&token) else { return };
-                if let Err(e) = conn.enqueue(frame, kind, self.shared.limits.write_queue_size_max) {
-                    // The answer does not fit: tell the caller why instead of leaving it to time out.
-                    let _ = to_meta(&WireError::from(&e))
-                        .and_then(|m| conn.enqueue_control(FrameKind::Error, call_id, &m));
-                }
+            Command::Flush { token } => {
+                let Some(conn) = self.conns.remove(&token) else { return };
                 self.finish_io(token, conn);
             }
             Command::Close { token } => self.close(token, Error::unavailable("closed by this process")),
@@ -705,7 +844,13 @@ impl Loop {
             Err(e) => return done(Err(e)),
         };
         let mut conn =
-            Conn::new(stream, addr, Phase::Handshaking { hs, done: Some(done) }, self.shared.limits.frame);
+            match Conn::new(stream, addr, Phase::Handshaking { hs, done: None }, self.shared.limits.frame) {
+                Ok(c) => c,
+                Err(e) => return done(Err(e)),
+            };
+        if let Phase::Handshaking { done: slot, .. } = &mut conn.phase {
+            *slot = Some(done);
+        }
         if let Err(e) = conn.enqueue_control(kind, 0, &meta) {
             if let Phase::Handshaking { done: Some(done), .. } = conn.phase {
                 done(Err(e));
@@ -738,12 +883,14 @@ impl Loop {
 
     /// Flushes, then keeps the connection (with write interest only if bytes remain) or closes it.
     fn finish_io(&mut self, token: Token, mut conn: Conn) {
-        let queued = conn.queued_bytes();
-        let flushed = conn.flush();
-        self.shared.bytes_sent.fetch_add(queued.saturating_sub(conn.queued_bytes()), Ordering::Relaxed);
-        if let Err(e) = flushed {
-            self.drop_conn(conn, Error::unavailable(format!("writing: {e}")));
-            return;
+        match conn.flush() {
+            Ok(n) => {
+                self.shared.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.drop_conn(conn, Error::unavailable(format!("writing: {e}")));
+                return;
+            }
         }
         conn.invariants();
         if let Some(reason) = &conn.closing {
@@ -820,12 +967,12 @@ impl Loop {
                 BodyDest::Discard
             }
             FrameKind::Request => BodyDest::Grow,
-            FrameKind::Response => match conn.pending.get_mut(&header.call_id) {
+            FrameKind::Response => match conn.out.lock().pending.get_mut(&header.call_id) {
                 None => BodyDest::Discard,
                 Some(p) => match p.response_buffer.take() {
                     Some(buf) if buf.len() as u64 == header.body_len => BodyDest::Buffer(buf),
                     _ if header.body_len <= p.response_body_size_max => {
-                        BodyDest::Buffer(Buffer::zeroed(header.body_len as usize))
+                        BodyDest::Buffer(self.body_pool.buffer(header.body_len as usize))
                     }
                     _ => {
                         p.refused = Some(Error::resource_exhausted(format!(
@@ -852,10 +999,15 @@ impl Loop {
             (kind, Phase::Handshaking { .. }) => on_handshake_frame(token, conn, kind, &meta),
             (FrameKind::Request, Phase::Open(peer)) => {
                 let call_id = header.call_id;
-                if let Some(e) = conn.refused_request.take() {
+                let refused = conn.refused_request.take();
+                if let Err(e) = self.seen.admit(peer, call_id) {
+                    eprintln!("rill-transport: refusing a request from {}: {e}", conn.addr);
                     return answer_error(conn, call_id, &e);
                 }
-                let Some((jobs, _)) = &self.jobs else {
+                if let Some(e) = refused {
+                    return answer_error(conn, call_id, &e);
+                }
+                let Some(jobs) = &self.jobs else {
                     return answer_error(
                         conn,
                         call_id,
@@ -863,10 +1015,31 @@ impl Loop {
                     );
                 };
                 let req = Request { call_id, peer: peer.clone(), peer_addr: conn.addr, meta, body };
-                let responder = Responder { shared: self.shared.clone(), token, call_id, answered: false };
-                match jobs.try_send((req, responder)) {
-                    Ok(()) => Ok(()),
-                    Err(TrySendError::Full((_, mut r))) | Err(TrySendError::Disconnected((_, mut r))) => {
+                let responder = Responder {
+                    shared: self.shared.clone(),
+                    out: conn.out.clone(),
+                    token,
+                    call_id,
+                    answered: false,
+                };
+                let (req, responder) = match &self.inline {
+                    Some(inline) => {
+                        let run = std::panic::AssertUnwindSafe(|| inline(req, responder));
+                        match std::panic::catch_unwind(run) {
+                            Ok(Some(back)) => back,
+                            Ok(None) => return Ok(()),
+                            // Its `Responder` was dropped while unwinding and answered `Internal`.
+                            Err(_) => {
+                                eprintln!("rill-transport: an inline request handler panicked");
+                                return Ok(());
+                            }
+                        }
+                    }
+                    None => (req, responder),
+                };
+                match jobs.0.push((req, responder)) {
+                    None => Ok(()),
+                    Some((_, mut r)) => {
                         // Answered here, not through the queue: we are the loop.
                         r.answered = true;
                         answer_error(
@@ -878,7 +1051,8 @@ impl Loop {
                 }
             }
             (FrameKind::Response | FrameKind::Error, Phase::Open(_)) => {
-                let Some(p) = conn.pending.remove(&header.call_id) else { return Ok(()) };
+                let removed = conn.out.lock().pending.remove(&header.call_id);
+                let Some(p) = removed else { return Ok(()) };
                 let result = if let Some(e) = p.refused {
                     Err(e)
                 } else if header.kind == FrameKind::Error {
@@ -914,6 +1088,7 @@ impl Loop {
     fn drop_conn(&mut self, mut conn: Conn, reason: Error) {
         let name = conn.name();
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        conn.shut();
         // Orderly closes and vanished peers are `Unavailable`; everything else is worth a line.
         if reason.code != Code::Unavailable {
             eprintln!("rill-transport: closing the connection to {name}: {reason}");
@@ -921,7 +1096,8 @@ impl Loop {
         if let Phase::Handshaking { done: Some(done), .. } = conn.phase {
             done(Err(Error::new(reason.code, format!("handshake with {name}: {}", reason.msg))));
         }
-        for (_, p) in conn.pending.drain() {
+        let pending: Vec<PendingCall> = conn.out.lock().pending.drain().map(|(_, p)| p).collect();
+        for p in pending {
             (p.done)(Err(Error::unavailable(format!("the connection to {name} closed: {reason}"))));
         }
     }
@@ -936,8 +1112,14 @@ impl Loop {
             match timer {
                 Timer::Call { token, call_id } => {
                     let Some(conn) = self.conns.get_mut(&Token(token)) else { continue };
-                    if conn.pending.get(&call_id).is_some_and(|p| p.deadline <= now) {
-                        let p = conn.pending.remove(&call_id).expect("checked above");
+                    let due = {
+                        let mut g = conn.out.lock();
+                        match g.pending.get(&call_id) {
+                            Some(p) if p.deadline <= now => g.pending.remove(&call_id),
+                            _ => None,
+                        }
+                    };
+                    if let Some(p) = due {
                         (p.done)(Err(Error::deadline_exceeded(format!(
                             "call {call_id} to {} passed its deadline without an answer",
                             conn.name()
@@ -960,7 +1142,7 @@ impl Loop {
             let conns = &self.conns;
             self.timers.retain(|Reverse((_, t))| match *t {
                 Timer::Call { token, call_id } => {
-                    conns.get(&Token(token)).is_some_and(|c| c.pending.contains_key(&call_id))
+                    conns.get(&Token(token)).is_some_and(|c| c.out.lock().pending.contains_key(&call_id))
                 }
                 Timer::Handshake { token } => conns.get(&Token(token)).is_some_and(|c| !c.is_open()),
             });
@@ -979,7 +1161,7 @@ fn on_handshake_frame(token: Token, conn: &mut Conn, kind: FrameKind, meta: &[u8
                 if let Phase::Handshaking { done: Some(done), .. } =
                     std::mem::replace(&mut conn.phase, Phase::Open(peer.clone()))
                 {
-                    done(Ok((token, peer)));
+                    done(Ok((token, peer, conn.out.clone())));
                 }
             }
             Ok(())

@@ -14,6 +14,7 @@
 //! with a different one (`Unauthenticated`). A client with a secret insists that the server proves it
 //! too. A different wire version or cluster fingerprint is `FailedPrecondition`: retrying will not help.
 
+use crate::shm::HostInfo;
 use crate::wire::{from_meta, to_meta, FrameKind, WIRE_VERSION};
 use hmac::{Hmac, Mac};
 use rill_graph::{Error, Result};
@@ -37,6 +38,8 @@ pub struct Identity {
     pub task: u32,
     /// Random per process start, so a restarted peer is told apart from its predecessor.
     pub incarnation: u64,
+    /// This process's host identity when it offers same-host shared memory (`None`: TCP only).
+    pub host: Option<HostInfo>,
 }
 
 /// What the handshake learned about the peer.
@@ -47,6 +50,8 @@ pub struct PeerInfo {
     pub incarnation: u64,
     /// Whether the peer proved knowledge of the shared secret.
     pub authenticated: bool,
+    /// Both sides offer shared memory and showed the same host identity (boot id, pid namespace).
+    pub same_host: bool,
 }
 
 impl PeerInfo {
@@ -81,6 +86,8 @@ pub struct Hello {
     pub nonce: [u8; NONCE_SIZE],
     /// The sender has a shared secret and will prove it.
     pub auth: bool,
+    /// The sender's host identity when it offers same-host shared memory.
+    pub host: Option<HostInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,10 +174,10 @@ impl Handshake {
             (State::ServerAwaitHello, FrameKind::Hello) => {
                 let h: Hello = from_meta(meta, "Hello")?;
                 self.check_hello(&h)?;
-                let peer =
-                    PeerInfo { job: h.job, task: h.task, incarnation: h.incarnation, authenticated: false };
-                self.client_nonce = h.nonce;
-                match (&self.secret, h.auth) {
+                let (nonce, auth) = (h.nonce, h.auth);
+                let peer = self.peer_info(h);
+                self.client_nonce = nonce;
+                match (&self.secret, auth) {
                     (Some(_), false) => Err(Error::unauthenticated(format!(
                         "this server requires the cluster's shared secret; {} did not offer one",
                         peer.name()
@@ -212,13 +219,14 @@ impl Handshake {
             (State::ClientSentHello, FrameKind::HelloAck) => {
                 let h: Hello = from_meta(meta, "HelloAck")?;
                 self.check_hello(&h)?;
-                let peer =
-                    PeerInfo { job: h.job, task: h.task, incarnation: h.incarnation, authenticated: false };
-                match (&self.secret, h.auth) {
+                let nonce = h.nonce;
+                let auth = h.auth;
+                let peer = self.peer_info(h);
+                match (&self.secret, auth) {
                     (Some(secret), true) => {
-                        let proof = mac(secret, &self.nonce, &h.nonce, ROLE_CLIENT).finalize().into_bytes();
+                        let proof = mac(secret, &self.nonce, &nonce, ROLE_CLIENT).finalize().into_bytes();
                         // Reuse `client_nonce` to hold the server's nonce for the AuthAck check.
-                        self.client_nonce = h.nonce;
+                        self.client_nonce = nonce;
                         self.peer = Some(peer);
                         self.state = State::ClientSentAuth;
                         Ok(Step {
@@ -261,6 +269,13 @@ impl Handshake {
         }
     }
 
+    /// What a checked hello says about the peer; shared memory only when both offer it from the
+    /// same host.
+    fn peer_info(&self, h: Hello) -> PeerInfo {
+        let same_host = matches!((&self.local.host, &h.host), (Some(a), Some(b)) if a == b);
+        PeerInfo { job: h.job, task: h.task, incarnation: h.incarnation, authenticated: false, same_host }
+    }
+
     fn check_hello(&self, h: &Hello) -> Result<()> {
         if h.version != WIRE_VERSION {
             return Err(Error::failed_precondition(format!(
@@ -292,6 +307,7 @@ fn hello(local: &Identity, nonce: [u8; NONCE_SIZE], auth: bool) -> Hello {
         incarnation: local.incarnation,
         nonce,
         auth,
+        host: local.host.clone(),
     }
 }
 
@@ -300,7 +316,7 @@ mod tests {
     use super::*;
 
     fn identity(cluster_id: u64, job: &str, task: u32) -> Identity {
-        Identity { cluster_id, job: job.into(), task, incarnation: 7 }
+        Identity { cluster_id, job: job.into(), task, incarnation: 7, host: None }
     }
 
     /// Runs a handshake between two in-memory peers; returns what each side concluded.
@@ -403,6 +419,25 @@ mod tests {
         assert_eq!(e.code, rill_graph::Code::InvalidArgument);
         let e = s.on_frame(FrameKind::Hello, b"\xff\xff").unwrap_err();
         assert_eq!(e.code, rill_graph::Code::InvalidArgument, "{e}");
+    }
+
+    #[test]
+    fn shared_memory_needs_the_same_host_on_both_sides() {
+        let host = |boot: &str| Some(HostInfo { boot_id: boot.into(), pid_ns: "pid:[1]".into() });
+        let with = |h: Option<HostInfo>, job: &str| Identity { host: h, ..identity(1, job, 0) };
+        let cases = [
+            (host("a"), host("a"), true),
+            (host("a"), host("b"), false),
+            (host("a"), None, false),
+            (None, host("a"), false),
+            (None, None, false),
+        ];
+        for (c, s, want) in cases {
+            let (rc, rs) = run((with(c.clone(), "worker"), None), (with(s.clone(), "ps"), None));
+            assert_eq!((rc.unwrap().same_host, rs.unwrap().same_host), (want, want), "{c:?} {s:?}");
+        }
+        // Both sides of one process agree on this host.
+        assert!(crate::shm::HostInfo::local().is_some_and(|h| h == crate::shm::HostInfo::local().unwrap()));
     }
 
     #[test]

@@ -60,7 +60,14 @@ pub struct Master {
     runtime: Runtime,
     sessions: Mutex<HashMap<u64, Arc<MasterSession>>>,
     next: AtomicU64,
+    /// Steps that succeeded, per remote task, whose state that task has not been told to drop
+    /// yet: the next `RunGraph` to the task carries them (a `CleanupStep` call per step would cost
+    /// the task a request of its own); past `DEFERRED_CLEANUPS_MAX` they are sent at once.
+    deferred_cleanups: Mutex<HashMap<(String, u32), Vec<StepId>>>,
 }
+
+/// Succeeded steps a task may be told about late, at most.
+pub const DEFERRED_CLEANUPS_MAX: usize = 64;
 
 fn task_of(d: &DeviceName) -> (String, u32) {
     (d.job.clone().unwrap_or_default(), d.task.unwrap_or(0))
@@ -68,7 +75,15 @@ fn task_of(d: &DeviceName) -> (String, u32) {
 
 impl Master {
     pub fn new(task: DeviceName, worker: Arc<Worker>, peers: Arc<Peers>, runtime: Runtime) -> Master {
-        Master { task, worker, peers, runtime, sessions: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+        Master {
+            task,
+            worker,
+            peers,
+            runtime,
+            sessions: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            deferred_cleanups: Mutex::new(HashMap::new()),
+        }
     }
 
     fn is_local(&self, job: &str, task: u32) -> bool {
@@ -332,7 +347,10 @@ impl Master {
             let send = || -> Result<()> {
                 let (idx, ts): (Vec<u32>, Vec<Tensor>) = args.into_iter().unzip();
                 let packed = pack(&ts)?;
+                let cleanup =
+                    lock(&self.deferred_cleanups).remove(&(p.job.clone(), p.task)).unwrap_or_default();
                 let req = Req::RunGraph {
+                    cleanup,
                     graph: p.graph,
                     step,
                     args: idx.into_iter().zip(packed.refs).collect(),
@@ -345,7 +363,7 @@ impl Master {
                     Instant::now() + Duration::from_millis(crate::worker::RECV_TIMEOUT_DEFAULT_MS)
                 });
                 let (job, task) = (p.job.clone(), p.task);
-                let tx = tx.clone();
+                let (tx, peers) = (tx.clone(), self.peers.clone());
                 let opts = crate::CallOptions {
                     deadline: call_deadline,
                     ..crate::CallOptions::timeout(Duration::ZERO)
@@ -356,20 +374,31 @@ impl Master {
                     packed.body,
                     opts,
                     Box::new(move |r| {
-                        let r = r.map_err(|e| task_error(&job, task, e)).and_then(|resp| {
-                            match decode::<Resp>(&resp.meta)? {
+                        let r = r
+                            .map_err(|e| {
+                                // A closed connection (the task stopped) is replaced by the next
+                                // step, which then sees a restarted task's new incarnation.
+                                if e.code == Code::Unavailable {
+                                    peers.forget(&job, task);
+                                }
+                                task_error(&job, task, e)
+                            })
+                            .and_then(|resp| match decode::<Resp>(&resp.meta)? {
                                 Resp::Retvals { values, stats } => {
                                     let (idx, refs): (Vec<u32>, Vec<TensorRef>) = values.into_iter().unzip();
                                     Ok((idx.into_iter().zip(unpack(refs, resp.body)?).collect(), stats))
                                 }
                                 other => Err(Error::internal(format!("RunGraph answered {other:?}"))),
-                            }
-                        });
+                            });
                         let _ = tx.send((k, r));
                     }),
                 )
             };
             if let Err(e) = send() {
+                // Refused at once: the cached connection is closed; the next step reconnects.
+                if e.code == Code::Unavailable {
+                    self.peers.forget(&p.job, p.task);
+                }
                 let _ = tx.send((k, Err(task_error(&p.job, p.task, e))));
             }
         }
@@ -379,6 +408,17 @@ impl Master {
         let mut stats = StepStats::default();
         let mut got = 0;
         let mut aborted = false;
+        let mut answered = vec![false; plan.parts.len()];
+        // Remote tasks that had not answered when the step failed: a deadline names them.
+        let silent = |answered: &[bool]| -> Vec<String> {
+            plan.parts
+                .iter()
+                .zip(answered)
+                .filter(|(p, a)| !p.local && !**a)
+                .map(|(p, _)| format!("/job:{}/task:{}", p.job, p.task))
+                .collect()
+        };
+        let mut silent_at_error = Vec::new();
         while got < plan.parts.len() {
             let wait_until = match (deadline, aborted) {
                 (_, true) => Instant::now() + CANCEL_GRACE,
@@ -386,9 +426,12 @@ impl Master {
                 (None, false) => Instant::now() + Duration::from_secs(3600),
             };
             let r = rx.recv_timeout(wait_until.saturating_duration_since(Instant::now()));
-            let (_, r) = match r {
+            let (k, r) = match r {
                 Ok(x) => x,
                 Err(_) => {
+                    if first.is_none() {
+                        silent_at_error = silent(&answered);
+                    }
                     first.get_or_insert_with(|| {
                         Error::deadline_exceeded(format!("step timed out after {timeout_ms} ms"))
                     });
@@ -396,6 +439,9 @@ impl Master {
                 }
             };
             got += 1;
+            if let Some(a) = answered.get_mut(k) {
+                *a = true;
+            }
             match r {
                 Ok((vals, st)) => {
                     for (i, t) in vals {
@@ -411,6 +457,9 @@ impl Master {
                     let better =
                         first.as_ref().is_none_or(|p| p.code == Code::Cancelled && e.code != Code::Cancelled);
                     if better {
+                        if first.is_none() {
+                            silent_at_error = silent(&answered);
+                        }
                         first = Some(e.clone());
                     }
                     if !aborted {
@@ -423,7 +472,11 @@ impl Master {
         if !aborted {
             self.cleanup_step(&plan, step, first.clone());
         }
-        if let Some(e) = first {
+        if let Some(mut e) = first {
+            // A deadline is usually a peer that stopped answering (a cut link): name it.
+            if e.code == Code::DeadlineExceeded && !silent_at_error.is_empty() {
+                e.msg = format!("{} (no answer from {})", e.msg, silent_at_error.join(", "));
+            }
             return Err(e);
         }
         let out = retvals
@@ -434,11 +487,27 @@ impl Master {
         Ok((out, trace.then_some(stats)))
     }
 
+    /// Ends a step on every task of the plan: at once where it failed (waiting parts are aborted)
+    /// and on this task; a remote task hears of a success with its next `RunGraph`.
     fn cleanup_step(&self, plan: &Plan, step: StepId, error: Option<Error>) {
         for p in &plan.parts {
             if p.local {
                 self.worker.cleanup_step(step, error.clone());
-            } else if let Some(peer) = self.peers.get(&p.job, p.task) {
+                continue;
+            }
+            let steps = if error.is_none() {
+                let mut d = lock(&self.deferred_cleanups);
+                let list = d.entry((p.job.clone(), p.task)).or_default();
+                list.push(step);
+                if list.len() <= DEFERRED_CLEANUPS_MAX {
+                    continue;
+                }
+                std::mem::take(list)
+            } else {
+                vec![step]
+            };
+            let Some(peer) = self.peers.get(&p.job, p.task) else { continue };
+            for step in steps {
                 if let Ok(meta) = encode(&Req::CleanupStep { step, error: error.clone() }) {
                     let _ = peer.call_async(
                         &meta,

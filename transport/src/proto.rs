@@ -1,6 +1,7 @@
 //! The master and worker services' messages (postcard-encoded control plane) and how tensors
 //! travel with them: small ones inline in the message, large ones as raw bytes in the frame body.
 
+use crate::data_path::Dest;
 use crate::wire::BodySource;
 use rill_graph::{
     Buffer, DType, DeviceAttributes, Error, GraphDef, NodeId, Output, Result, SessionOptions, Shape, StepId,
@@ -15,7 +16,18 @@ pub const INLINE_TENSOR_SIZE_MAX: usize = 64 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum TensorRef {
     Inline(Tensor),
-    Body { dtype: DType, shape: Shape, offset: u64, len: u64 },
+    Body {
+        dtype: DType,
+        shape: Shape,
+        offset: u64,
+        len: u64,
+    },
+    /// Written by the sender into the destination the request named (`RecvTensor::dest`).
+    Landed {
+        dtype: DType,
+        shape: Shape,
+        len: u64,
+    },
 }
 
 /// Requests of the master service (`CreateSession`...) and the worker service (`RegisterGraph`...).
@@ -51,6 +63,8 @@ pub enum Req {
         partitions: Vec<(String, GraphDef)>,
     },
     RunGraph {
+        /// Earlier steps that succeeded and whose state this task may drop (see `CleanupStep`).
+        cleanup: Vec<StepId>,
         graph: u64,
         step: StepId,
         args: Vec<(u32, TensorRef)>,
@@ -61,6 +75,9 @@ pub enum Req {
     RecvTensor {
         step: StepId,
         key: String,
+        /// Where the receiver wants a large tensor's bytes written (see `data_path`); without
+        /// one, or when the sender cannot use it, they come in the answer's body.
+        dest: Option<Dest>,
     },
     CleanupStep {
         step: StepId,
@@ -140,6 +157,11 @@ pub fn pack(tensors: &[Tensor]) -> Result<Packed> {
     Ok(Packed { refs, body })
 }
 
+/// Bytes of a `dtype` tensor of `shape`; `None` for strings and sizes that overflow.
+pub fn flat_byte_size(dtype: DType, shape: &Shape) -> Option<usize> {
+    dtype.size().and_then(|s| shape.checked_num_elements().ok().and_then(|n| n.checked_mul(s)))
+}
+
 /// Rebuilds tensors, checking every offset and length against the body and the declared shape.
 /// A body holding exactly one tensor becomes that tensor's buffer without a copy.
 pub fn unpack(refs: Vec<TensorRef>, body: Option<Buffer>) -> Result<Vec<Tensor>> {
@@ -150,10 +172,13 @@ pub fn unpack(refs: Vec<TensorRef>, body: Option<Buffer>) -> Result<Vec<Tensor>>
     for r in refs {
         match r {
             TensorRef::Inline(t) => out.push(t),
+            TensorRef::Landed { .. } => {
+                return Err(Error::invalid_argument(
+                    "a landed tensor outside an answer that named a destination",
+                ))
+            }
             TensorRef::Body { dtype, shape, offset, len } => {
-                let want = dtype
-                    .size()
-                    .and_then(|s| shape.checked_num_elements().ok().and_then(|n| n.checked_mul(s)))
+                let want = flat_byte_size(dtype, &shape)
                     .ok_or_else(|| Error::invalid_argument(format!("bad body tensor {dtype} {shape}")))?;
                 let end = offset.checked_add(len).filter(|&e| e <= body_len);
                 if want as u64 != len || end.is_none() {
@@ -177,6 +202,18 @@ pub fn unpack(refs: Vec<TensorRef>, body: Option<Buffer>) -> Result<Vec<Tensor>>
         }
     }
     Ok(out)
+}
+
+/// Whether `meta` encodes a request a server answers on its event-loop thread: `RecvTensor` only
+/// registers a callback with the step's rendezvous. Reads just the enum tag (postcard writes the
+/// variant index first, as one byte below 128), so other requests are not decoded twice.
+pub fn answered_inline(meta: &[u8]) -> bool {
+    static TAG: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        let probe = Req::RecvTensor { step: StepId(0), key: String::new(), dest: None };
+        encode(&probe).ok().and_then(|b| b.first().copied())
+    });
+    tag.is_some() && meta.first() == tag.as_ref()
 }
 
 pub fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>> {
@@ -208,6 +245,16 @@ mod tests {
             let back = unpack(p.refs, body).unwrap();
             assert_eq!(back, set);
         }
+    }
+
+    #[test]
+    fn only_recv_tensor_is_answered_inline() {
+        let recv = Req::RecvTensor { step: StepId(7), key: "k".into(), dest: None };
+        assert!(answered_inline(&encode(&recv).unwrap()));
+        for other in [Req::GetStatus, Req::CleanupStep { step: StepId(7), error: None }, Req::ListDevices] {
+            assert!(!answered_inline(&encode(&other).unwrap()), "{other:?}");
+        }
+        assert!(!answered_inline(&[]));
     }
 
     #[test]

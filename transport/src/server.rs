@@ -4,18 +4,42 @@
 use crate::cluster::{ClusterSpec, ServerDef};
 use crate::event_loop::{Request, Responder, Transport, TransportOptions};
 use crate::master::{handle_master, Master};
-use crate::proto::{decode, encode, Req};
+use crate::proto::{answered_inline, decode, encode, Req};
 use crate::worker::{handle_worker, Peers, Worker};
 use rill_graph::{Error, Result, Runtime};
+use std::collections::VecDeque;
 use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 struct Services {
     worker: Arc<Worker>,
     master: Arc<Master>,
+    step_threads: Arc<StepThreads>,
+    inline_masters: AtomicUsize,
 }
 
 impl Services {
+    /// On the event-loop thread: `RecvTensor` (it only registers a callback); the rest goes on.
+    fn handle_inline(&self, req: Request, responder: Responder) -> Option<(Request, Responder)> {
+        if !answered_inline(&req.meta) {
+            return Some((req, responder));
+        }
+        match decode::<Req>(&req.meta) {
+            Ok(Req::RecvTensor { step, key, dest }) => {
+                self.worker.recv_tensor(step, &key, dest, &req.peer, responder)
+            }
+            Ok(other) => {
+                let _ = responder.fail(&Error::internal(format!("{other:?} is not answered inline")));
+            }
+            Err(e) => {
+                let _ = responder.fail(&e);
+            }
+        }
+        None
+    }
+
     fn handle(self: &Arc<Self>, req: Request, responder: Responder) {
         let parsed = match decode::<Req>(&req.meta) {
             Ok(r) => r,
@@ -24,21 +48,96 @@ impl Services {
                 return;
             }
         };
-        let Some((req, body, responder)) = handle_worker(&self.worker, parsed, req.body, responder) else {
+        let Some((req, body, responder)) =
+            handle_worker(&self.worker, &req.peer, parsed, req.body, responder)
+        else {
             return;
         };
-        // Master requests may wait for whole steps: they run on their own thread so handler
-        // threads stay free for the RecvTensor requests those steps depend on.
+        // Master requests may wait for whole steps. A few run right here (a hand-off to another
+        // thread costs more than a tiny step); the rest run on step threads, so that at least
+        // `HANDLER_THREADS - MASTER_INLINE_MAX` handler threads stay free for the RecvTensor
+        // requests those steps depend on.
         let me = self.clone();
-        let r = std::thread::Builder::new().name("rill-master-step".into()).spawn(move || {
+        let job = move || {
             let r = handle_master(&me.master, req, body).and_then(|(resp, body)| Ok((encode(&resp)?, body)));
             let _ = match r {
                 Ok((meta, body)) => responder.respond(&meta, body),
                 Err(e) => responder.fail(&e),
             };
-        });
-        if let Err(e) = r {
+        };
+        if self.inline_masters.fetch_add(1, Ordering::AcqRel) < MASTER_INLINE_MAX {
+            job();
+            self.inline_masters.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        self.inline_masters.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = self.step_threads.run(Box::new(job)) {
             eprintln!("rill: cannot start a master step thread: {e}");
+        }
+    }
+}
+
+/// Master requests run on a handler thread at once (at most this many at a time).
+const MASTER_INLINE_MAX: usize = crate::HANDLER_THREADS / 2;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// How long an idle step thread waits for work before it ends.
+const STEP_THREAD_IDLE_MS: u64 = 10_000;
+/// Idle step threads kept; more end when their step is done.
+const STEP_THREADS_IDLE_MAX: usize = 16;
+
+/// Threads for master requests. Every request gets a thread at once (a waiting step never waits
+/// for another step's thread, so steps that depend on each other, through a queue say, cannot
+/// deadlock); idle threads are reused, since starting a thread costs more than a tiny step.
+#[derive(Default)]
+struct StepThreads {
+    /// Jobs handed to idle threads, and how many threads are idle.
+    state: Mutex<(VecDeque<Job>, usize)>,
+    cv: Condvar,
+}
+
+impl StepThreads {
+    fn run(self: &Arc<Self>, job: Job) -> std::io::Result<()> {
+        {
+            let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if g.1 > g.0.len() {
+                g.0.push_back(job);
+                self.cv.notify_one();
+                return Ok(());
+            }
+        }
+        let me = self.clone();
+        std::thread::Builder::new().name("rill-master-step".into()).spawn(move || {
+            job();
+            me.serve();
+        })?;
+        Ok(())
+    }
+
+    fn serve(&self) {
+        loop {
+            let job = {
+                let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if g.1 >= STEP_THREADS_IDLE_MAX {
+                    return;
+                }
+                g.1 += 1;
+                let deadline = Instant::now() + Duration::from_millis(STEP_THREAD_IDLE_MS);
+                loop {
+                    if let Some(j) = g.0.pop_front() {
+                        g.1 -= 1;
+                        break j;
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        g.1 -= 1;
+                        return;
+                    }
+                    g = self.cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                }
+            };
+            job();
         }
     }
 }
@@ -82,6 +181,14 @@ impl Server {
                 }
             }
         });
+        let s3 = slot.clone();
+        let inline: crate::InlineHandler = Arc::new(move |req, responder| {
+            let s = s3.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match s {
+                Some(s) => s.handle_inline(req, responder),
+                None => Some((req, responder)),
+            }
+        });
         let transport = Arc::new(Transport::start(TransportOptions {
             bind: Some(addr),
             secret: def.secret.clone(),
@@ -89,13 +196,23 @@ impl Server {
             job: def.job_name.clone(),
             task: def.task_index,
             handler: Some(handler),
+            inline_handler: Some(inline),
+            shm: def.shm,
             ..Default::default()
         })?);
         let peers = Arc::new(Peers::new(def.cluster.clone()));
+        if def.shm {
+            peers.set_data_path(Arc::new(crate::shm::Shm::new()));
+        }
         let _ = peers.transport.set(transport.clone());
         let worker = Arc::new(Worker::new(task.clone(), devices, runtime.clone(), peers.clone()));
         let master = Arc::new(Master::new(task, worker.clone(), peers, runtime));
-        let services = Arc::new(Services { worker, master });
+        let services = Arc::new(Services {
+            worker,
+            master,
+            step_threads: Arc::default(),
+            inline_masters: AtomicUsize::new(0),
+        });
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(services.clone());
         Ok(Server { def, transport, services, slot, stopped: Arc::new((Mutex::new(false), Condvar::new())) })
     }
@@ -132,6 +249,12 @@ impl Server {
     /// `(sent, received)` bytes of this task's connections so far.
     pub fn bytes_transferred(&self) -> (u64, u64) {
         self.transport.bytes_transferred()
+    }
+
+    /// `(written, landed)` tensor bytes that went through shared memory instead of a socket:
+    /// written for same-host peers, and received from them.
+    pub fn shm_bytes_transferred(&self) -> (u64, u64) {
+        self.services.worker.peers().data_path().map_or((0, 0), |d| d.bytes_transferred())
     }
 
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 /// The four bytes every frame starts with.
 pub const WIRE_MAGIC: [u8; 4] = *b"RILL";
 /// The frame format's version; a peer with another version is refused at the handshake.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 /// Size of the fixed frame header, in bytes.
 pub const FRAME_HEADER_SIZE: usize = 32;
 /// Header flag: a body follows the meta (a zero-length body is still a body: an empty tensor).
@@ -280,6 +280,18 @@ impl OutFrame {
         head.extend_from_slice(&header.encode());
         head.extend_from_slice(meta);
         Ok(OutFrame { head, body, written: 0 })
+    }
+
+    /// Sets the call id (rewriting the header and its checksum) before any byte is written: the
+    /// event loop numbers requests in the order it writes them.
+    pub fn set_call_id(&mut self, call_id: u64) {
+        debug_assert_eq!(self.written, 0, "the call id changes only before the frame is written");
+        let mut h = [0u8; FRAME_HEADER_SIZE];
+        h.copy_from_slice(&self.head[..FRAME_HEADER_SIZE]);
+        h[8..16].copy_from_slice(&call_id.to_le_bytes());
+        let sum = fnv1a32(&h[0..28]);
+        h[28..32].copy_from_slice(&sum.to_le_bytes());
+        self.head[..FRAME_HEADER_SIZE].copy_from_slice(&h);
     }
 
     /// Total bytes on the wire.

@@ -3,8 +3,12 @@
 //! step's `WorkerRendezvous`.
 
 use crate::cluster::ClusterSpec;
+use crate::data_path::{Dest, Landing, TensorTransport};
 use crate::event_loop::{CallOptions, PeerHandle, Responder, Transport};
-use crate::proto::{decode, encode, pack, unpack, Req, Resp, TensorRef};
+use crate::handshake::PeerInfo;
+use crate::proto::{
+    decode, encode, flat_byte_size, pack, unpack, Req, Resp, TensorRef, INLINE_TENSOR_SIZE_MAX,
+};
 use rill_graph::kernel::CallFrame;
 use rill_graph::trace::{StepStats, StepStatsCollector};
 use rill_graph::{
@@ -31,16 +35,50 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Rendezvous keys whose last tensor size is remembered, so a receiver can name a destination
+/// of the right size before the tensor exists (the first transfer of a key uses the body).
+pub const SIZE_HINTS_MAX: usize = 4096;
+
 /// Connections to the other tasks of the cluster, made on demand and dropped when they fail.
 pub struct Peers {
     pub(crate) transport: OnceLock<Arc<Transport>>,
     cluster: ClusterSpec,
     conns: Mutex<HashMap<(String, u32), PeerHandle>>,
+    /// The data path beside the socket (same-host shared memory), when enabled.
+    data: OnceLock<Arc<dyn TensorTransport>>,
+    size_hints: Mutex<HashMap<String, u64>>,
 }
 
 impl Peers {
     pub fn new(cluster: ClusterSpec) -> Peers {
-        Peers { transport: OnceLock::new(), cluster, conns: Mutex::new(HashMap::new()) }
+        Peers {
+            transport: OnceLock::new(),
+            cluster,
+            conns: Mutex::new(HashMap::new()),
+            data: OnceLock::new(),
+            size_hints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Installs the data path large tensors use where it serves (set once, at start).
+    pub fn set_data_path(&self, data: Arc<dyn TensorTransport>) {
+        let _ = self.data.set(data);
+    }
+
+    pub fn data_path(&self) -> Option<&Arc<dyn TensorTransport>> {
+        self.data.get()
+    }
+
+    fn size_hint(&self, key: &str) -> Option<u64> {
+        lock(&self.size_hints).get(key).copied()
+    }
+
+    fn record_size(&self, key: &str, len: u64) {
+        let mut h = lock(&self.size_hints);
+        if h.len() >= SIZE_HINTS_MAX && !h.contains_key(key) {
+            h.clear();
+        }
+        h.insert(key.to_string(), len);
     }
 
     pub fn cluster(&self) -> &ClusterSpec {
@@ -71,9 +109,12 @@ impl Peers {
         Ok(p)
     }
 
-    /// Drops every connection (on shutdown).
+    /// Drops every connection and what the data path holds (on shutdown).
     pub fn clear(&self) {
         lock(&self.conns).clear();
+        if let Some(d) = self.data.get() {
+            d.shutdown();
+        }
     }
 
     /// Forgets a connection after a failure, so the next use reconnects.
@@ -172,9 +213,13 @@ impl Timer {
     pub fn schedule(&self, at: Instant, f: TimerFn) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = lock(&self.state.0);
+        // The timer thread only needs waking when this deadline comes before all others.
+        let earliest = g.0.peek().is_none_or(|r| at < r.0 .0);
         g.0.push(std::cmp::Reverse((at, id)));
         g.1.insert(id, f);
-        self.state.1.notify_one();
+        if earliest {
+            self.state.1.notify_one();
+        }
         id
     }
 
@@ -237,7 +282,17 @@ impl Rendezvous for WorkerRendezvous {
         }
         let deadline = lock(&self.deadline)
             .unwrap_or_else(|| Instant::now() + Duration::from_millis(RECV_TIMEOUT_DEFAULT_MS));
-        let meta = match encode(&Req::RecvTensor { step: self.step, key: key.full.clone() }) {
+        // A large tensor seen before under this key: name a destination for its bytes.
+        let landing = match (self.peers.data_path(), self.peers.size_hint(&key.full)) {
+            (Some(d), Some(len)) => d.offer(peer.info(), len),
+            _ => None,
+        };
+        let req = Req::RecvTensor {
+            step: self.step,
+            key: key.full.clone(),
+            dest: landing.as_ref().map(|l| l.dest()),
+        };
+        let meta = match encode(&req) {
             Ok(m) => m,
             Err(e) => {
                 if let Some(d) = lock(&self.pending).0.remove(&id) {
@@ -249,6 +304,7 @@ impl Rendezvous for WorkerRendezvous {
         let pending = self.pending.clone();
         let runner = self.runner.clone();
         let peers = self.peers.clone();
+        let full_key = key.full.clone();
         let opts = CallOptions { deadline, ..CallOptions::timeout(Duration::ZERO) }
             .body_size_max(crate::FRAME_BODY_SIZE_MAX);
         let r = peer.call_async(
@@ -265,9 +321,7 @@ impl Rendezvous for WorkerRendezvous {
                         task_error(&job, task, e)
                     })
                     .and_then(|resp| match decode::<Resp>(&resp.meta)? {
-                        Resp::Tensor(tr) => unpack(vec![tr], resp.body)?
-                            .pop()
-                            .ok_or_else(|| Error::internal("empty RecvTensor answer")),
+                        Resp::Tensor(tr) => received_tensor(&peers, &full_key, tr, resp.body, landing),
                         other => Err(Error::internal(format!("RecvTensor answered {other:?}"))),
                     });
                 // Continue the step on the device's pool, never on the event-loop thread.
@@ -294,6 +348,77 @@ impl Rendezvous for WorkerRendezvous {
             d(Err(err.clone()));
         }
     }
+}
+
+/// The tensor a `RecvTensor` answer carries: landed in the destination the request named (no
+/// copy), inline, or in the body. The destination ends here in every case (see `Landing`), and the
+/// size of a large tensor is remembered for the key's next transfer.
+fn received_tensor(
+    peers: &Peers,
+    key: &str,
+    tr: TensorRef,
+    body: Option<rill_graph::Buffer>,
+    landing: Option<Box<dyn Landing>>,
+) -> Result<Tensor> {
+    match tr {
+        TensorRef::Landed { dtype, shape, len } => {
+            let landing = landing
+                .ok_or_else(|| Error::invalid_argument("a tensor landed where no destination was named"))?;
+            if flat_byte_size(dtype, &shape) != Some(len as usize) {
+                return Err(Error::invalid_argument(format!(
+                    "landed tensor {dtype} {shape} is not {len} bytes"
+                )));
+            }
+            let t = Tensor::from_buffer(dtype, shape, landing.land(len)?)?;
+            peers.record_size(key, len);
+            Ok(t)
+        }
+        tr => {
+            if let Some(l) = landing {
+                l.release();
+            }
+            if let TensorRef::Body { len, .. } = &tr {
+                peers.record_size(key, *len);
+            }
+            unpack(vec![tr], body)?.pop().ok_or_else(|| Error::internal("empty RecvTensor answer"))
+        }
+    }
+}
+
+/// Largest tensor copied into a peer's shared memory on the thread that finds it ready (possibly
+/// the event loop); larger copies run on the device's pool.
+const SHM_COPY_INLINE_MAX: usize = 1 << 20;
+
+/// Answers a `RecvTensor` with the tensor: written into the receiver's destination when the data
+/// path can, else inline or in the body.
+fn answer_recv(
+    r: Result<Tensor>,
+    data: Option<(Dest, Arc<dyn TensorTransport>, PeerInfo)>,
+    responder: Responder,
+) {
+    let sent = r.and_then(|t| {
+        if let Some((dest, data, peer)) = &data {
+            if t.byte_size() > INLINE_TENSOR_SIZE_MAX {
+                if let Ok(bytes) = t.as_bytes() {
+                    if data.write(peer, dest, bytes).is_ok() {
+                        let landed = TensorRef::Landed {
+                            dtype: t.dtype(),
+                            shape: *t.shape(),
+                            len: bytes.len() as u64,
+                        };
+                        return Ok((encode(&Resp::Tensor(landed))?, None));
+                    }
+                }
+            }
+        }
+        let p = pack(std::slice::from_ref(&t))?;
+        let meta = encode(&Resp::Tensor(p.refs.into_iter().next().unwrap_or(TensorRef::Inline(t))))?;
+        Ok((meta, p.body))
+    });
+    let _ = match sent {
+        Ok((meta, body)) => responder.respond(&meta, body),
+        Err(e) => responder.fail(&e),
+    };
 }
 
 struct RegisteredGraph {
@@ -545,8 +670,16 @@ impl Worker {
         }
     }
 
-    /// Answers a `RecvTensor` once the tensor is sent in this task's part of the step.
-    pub fn recv_tensor(&self, step: StepId, key: &str, responder: Responder) {
+    /// Answers a `RecvTensor` once the tensor is sent in this task's part of the step: into the
+    /// destination the receiver named when the data path can write there, else in the body.
+    pub fn recv_tensor(
+        &self,
+        step: StepId,
+        key: &str,
+        dest: Option<Dest>,
+        peer: &PeerInfo,
+        responder: Responder,
+    ) {
         let parsed = match RendezvousKey::parse(key) {
             Ok(k) => k,
             Err(e) => {
@@ -561,19 +694,16 @@ impl Worker {
                 return;
             }
         };
+        let data = dest.and_then(|d| Some((d, self.peers.data_path()?.clone(), peer.clone())));
+        let runner = self.devices[0].clone();
         rdv.local.recv_async(
             &parsed,
-            Box::new(move |r| {
-                let sent = r.and_then(|t| {
-                    let p = pack(std::slice::from_ref(&t))?;
-                    let meta =
-                        encode(&Resp::Tensor(p.refs.into_iter().next().unwrap_or(TensorRef::Inline(t))))?;
-                    Ok((meta, p.body))
-                });
-                let _ = match sent {
-                    Ok((meta, body)) => responder.respond(&meta, body),
-                    Err(e) => responder.fail(&e),
-                };
+            Box::new(move |r| match (r, data) {
+                // This may run on the event-loop thread: a large copy goes to the device's pool.
+                (Ok(t), Some(data)) if t.byte_size() > SHM_COPY_INLINE_MAX => {
+                    runner.schedule(Box::new(move || answer_recv(Ok(t), Some(data), responder)))
+                }
+                (r, data) => answer_recv(r, data, responder),
             }),
         );
     }
@@ -611,6 +741,7 @@ impl Worker {
 /// Decodes and serves one worker request; `None` when the request is not a worker request.
 pub fn handle_worker(
     w: &Arc<Worker>,
+    peer: &PeerInfo,
     req: Req,
     body: Option<rill_graph::Buffer>,
     responder: Responder,
@@ -638,8 +769,11 @@ pub fn handle_worker(
             w.reset_local(&containers);
             reply(responder, Ok(Resp::Ok))
         }
-        Req::RecvTensor { step, key } => w.recv_tensor(step, &key, responder),
-        Req::RunGraph { graph, step, args, num_retvals, timeout_ms, trace } => {
+        Req::RecvTensor { step, key, dest } => w.recv_tensor(step, &key, dest, peer, responder),
+        Req::RunGraph { cleanup, graph, step, args, num_retvals, timeout_ms, trace } => {
+            for done in cleanup {
+                w.cleanup_step(done, None);
+            }
             let (idx, refs): (Vec<u32>, Vec<TensorRef>) = args.into_iter().unzip();
             let tensors = match unpack(refs, body) {
                 Ok(t) => t,

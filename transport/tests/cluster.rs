@@ -20,7 +20,12 @@ fn cluster() -> ClusterSpec {
 }
 
 fn start(c: &ClusterSpec, job: &str, task: u32) -> Server {
+    start_with(c, job, task, true)
+}
+
+fn start_with(c: &ClusterSpec, job: &str, task: u32, shm: bool) -> Server {
     let mut def = ServerDef::new(c.clone(), job, task).unwrap();
+    def.shm = shm;
     def.default_session_options.inter_op_parallelism_threads = 2;
     def.default_session_options.intra_op_parallelism_threads = 1;
     Server::start(def, runtime()).unwrap()
@@ -169,4 +174,37 @@ fn a_client_with_the_wrong_secret_is_refused() {
     let one = g.add(g.scalar(1f32), g.scalar(1f32));
     let s = RemoteSession::connect_with(&worker.target(), &g, opts, &good).unwrap();
     assert_eq!(s.run(&[], &[one], &[], &ro()).unwrap()[0].scalar_value::<f32>().unwrap(), 2.0);
+}
+
+#[test]
+fn tensors_between_tasks_on_one_host_use_shared_memory_and_tcp_gives_the_same_results() {
+    const N: usize = 1 << 18; // 1 MiB of f32
+    let data: Vec<f32> = (0..N).map(|i| i as f32).collect();
+    for shm in [true, false] {
+        let c = cluster();
+        let (ps, worker) = (start_with(&c, "ps", 0, shm), start_with(&c, "worker", 0, shm));
+        let g = Graph::new();
+        let v = g
+            .with_device("/job:ps/task:0", |g| g.variable("v", g.constant(Tensor::new([N], &data).unwrap())));
+        let pulled = g.with_device("/job:worker/task:0", |g| g.identity(v));
+        let init = g.global_variables_initializer();
+        let s = RemoteSession::connect(&worker.target(), &g, SessionOptions::default()).unwrap();
+        s.run(&[], &[], &[init], &ro()).unwrap();
+        // The first pull teaches the worker the tensor's size; later ones name a region for it.
+        assert_eq!(s.run(&[], &[pulled], &[], &ro()).unwrap()[0].as_slice::<f32>().unwrap(), &data[..]);
+        let socket_before = ps.bytes_transferred().0;
+        for _ in 0..2 {
+            assert_eq!(s.run(&[], &[pulled], &[], &ro()).unwrap()[0].as_slice::<f32>().unwrap(), &data[..]);
+        }
+        let socket = ps.bytes_transferred().0 - socket_before;
+        let (written, _) = ps.shm_bytes_transferred();
+        let (_, landed) = worker.shm_bytes_transferred();
+        if shm {
+            assert_eq!((written, landed), (2 * 4 * N as u64, 2 * 4 * N as u64), "shm on");
+            assert!(socket < 64 << 10, "only control messages crossed the socket: {socket} bytes");
+        } else {
+            assert_eq!((written, landed), (0, 0), "shm off");
+            assert!(socket >= 2 * 4 * N as u64, "the tensors crossed the socket: {socket} bytes");
+        }
+    }
 }

@@ -258,7 +258,7 @@ fn a_large_body_round_trips() {
 
 /// A valid client `Hello` so that garbage can also reach a connection past its handshake.
 fn hello_bytes() -> Vec<u8> {
-    let id = Identity { cluster_id: CLUSTER, job: "raw".into(), task: 9, incarnation: 1 };
+    let id = Identity { cluster_id: CLUSTER, job: "raw".into(), task: 9, incarnation: 1, host: None };
     let (_, (kind, meta)) = Handshake::client(id, None, random_nonce().unwrap()).unwrap();
     OutFrame::new(kind, 0, &meta, None, &Default::default()).unwrap().to_vec()
 }

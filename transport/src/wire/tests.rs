@@ -72,13 +72,13 @@ fn golden_bytes() {
     #[rustfmt::skip]
     let want: &[u8] = &[
         b'R', b'I', b'L', b'L',                         // magic
-        0x01, 0x00,                                     // version 1
+        0x02, 0x00,                                     // version 2
         0x05,                                           // kind Request
         0x01,                                           // flags: body
         0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // call_id
         0x04, 0x00, 0x00, 0x00,                         // meta_len 4
         0x05, 0, 0, 0, 0, 0, 0, 0,                      // body_len 5
-        0x7a, 0xed, 0x81, 0x30,                         // FNV-1a 32 of bytes 0..28
+        0xb9, 0x3e, 0x8a, 0xb6,                         // FNV-1a 32 of bytes 0..28
         b'm', b'e', b't', b'a',                         // meta
         b'b', b'o', b'd', b'y', b'!',                   // body
     ];
@@ -223,7 +223,7 @@ fn malformed_headers_are_refused() {
             Some(Code::InvalidArgument),
             "checksum",
         ),
-        ("other version", header_with(|h| h[4] = 2), Some(Code::FailedPrecondition), "wire version 2"),
+        ("other version", header_with(|h| h[4] = 1), Some(Code::FailedPrecondition), "wire version 1"),
         ("unknown kind", header_with(|h| h[6] = 0), Some(Code::InvalidArgument), "unknown frame kind 0"),
         (
             "unknown kind 200",
