@@ -175,14 +175,23 @@ impl ConditionalAccumulator {
                 return Ok(false);
             }
             self.check_grad(&st, grad)?;
-            let values = grad.to_f64_vec()?;
-            if st.counter == 0 {
-                st.sum = values;
-                st.sum_shape = Some(*grad.shape());
-            } else {
-                for (s, v) in st.sum.iter_mut().zip(&values) {
-                    *s += v;
+            // Straight from the gradient's elements into the sum, whose buffer a take keeps:
+            // no temporary vector (and no fresh pages) per gradient.
+            let first = st.counter == 0;
+            dispatch_float!(grad.dtype(), T => {
+                let values = grad.as_slice::<T>()?;
+                if first {
+                    st.sum.clear();
+                    st.sum.extend(values.iter().map(|v| v.to_f64()));
+                } else {
+                    for (s, v) in st.sum.iter_mut().zip(values) {
+                        *s += v.to_f64();
+                    }
                 }
+                Ok(())
+            }, _ => Err(Error::internal(format!("accumulator {:?} got a {} gradient", self.name, grad.dtype()))))?;
+            if first {
+                st.sum_shape = Some(*grad.shape());
             }
             st.counter += 1;
             self.flush(&mut st)

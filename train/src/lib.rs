@@ -6,28 +6,37 @@
 pub mod device_setter;
 pub mod digits;
 pub mod gradients;
+pub mod half_transfer;
 pub mod hparam;
 pub mod job;
 pub mod models;
 pub mod monitored;
 pub mod optimizer;
+pub mod partitioned;
 pub mod replication;
 pub mod resolver;
 pub mod saver;
 pub mod serving;
+pub mod staleness;
 pub mod summary;
 pub mod sync_replicas;
 
 pub use device_setter::{replica_device_setter, PsStrategy, ReplicaDeviceSetterOptions, STANDARD_PS_OPS};
 pub use gradients::{gradients, GradFn, GRADIENTS};
+pub use half_transfer::{half_gradients, read_half, HalfTransfer};
 pub use monitored::{MonitoredSession, MonitoredSessionOptions, Scaffold, SessionFactory};
 pub use optimizer::{
     create_global_step, exponential_decay, global_step, Adam, GradientDescent, LearningRate, Momentum,
-    Optimizer, RMSProp,
+    Optimizer, RMSProp, WithLearningRate,
+};
+pub use partitioned::{
+    embedding_lookup, fixed_size_partitioner, min_max_variable_partitioner, partitioned_variable, rows_of,
+    PartitionStrategy, PartitionedVariable, Partitioner,
 };
 pub use resolver::{resolve, ResolvedCluster, ResolverOptions};
 pub use saver::{latest_checkpoint, Saver, SaverOptions};
-pub use summary::FileWriter;
+pub use staleness::{staleness_histogram, AsyncOps, AsyncPolicy, AsyncReplicasOptimizer};
+pub use summary::{FileWriter, Histogram};
 pub use sync_replicas::{ChiefLoop, ChiefLoopOptions, SyncReplicasOps, SyncReplicasOptimizer};
 
 use rill_graph::Runtime;

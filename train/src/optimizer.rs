@@ -42,6 +42,42 @@ impl LearningRate {
     }
 }
 
+impl LearningRate {
+    /// This rate times `factor` (a float scalar tensor): a tensor rate of `factor`'s dtype.
+    pub fn scaled(self, g: &Graph, factor: Output) -> LearningRate {
+        let dt = g.dtype(factor);
+        LearningRate::Tensor(g.mul(self.to_output(g, dt), factor))
+    }
+}
+
+/// An optimizer whose learning rate a wrapper can replace (`AsyncReplicasOptimizer` scales it
+/// per step by the staleness of the gradients).
+pub trait WithLearningRate: Optimizer + Sized {
+    fn learning_rate(&self) -> LearningRate;
+    /// A copy with `lr` as its learning rate, every other setting kept.
+    fn with_learning_rate(&self, lr: LearningRate) -> Self;
+}
+
+macro_rules! with_learning_rate {
+    ($t:ty, $field:ident) => {
+        impl WithLearningRate for $t {
+            fn learning_rate(&self) -> LearningRate {
+                self.$field
+            }
+            fn with_learning_rate(&self, lr: LearningRate) -> Self {
+                let mut o = *self;
+                o.$field = lr;
+                o
+            }
+        }
+    };
+}
+
+with_learning_rate!(GradientDescent, learning_rate);
+with_learning_rate!(Momentum, lr);
+with_learning_rate!(Adam, lr);
+with_learning_rate!(RMSProp, lr);
+
 /// Gradients and the variables they belong to.
 pub type GradsAndVars = Vec<(Option<Output>, VariableInfo)>;
 
@@ -76,38 +112,9 @@ pub trait Optimizer {
         global_step: Option<Output>,
         name: &str,
     ) -> Result<Output> {
-        g.status()?;
-        let present: Vec<(Output, VariableInfo)> =
-            grads_and_vars.iter().filter_map(|(gr, v)| gr.map(|gr| (gr, v.clone()))).collect();
-        if present.is_empty() {
-            let names: Vec<&str> = grads_and_vars.iter().map(|(_, v)| v.name.as_str()).collect();
-            return Err(Error::invalid_argument(format!(
-                "No gradients provided for any variable: {names:?}"
-            )));
-        }
-        // No variable changes before every gradient of the step is computed: gradient ops read
-        // the weights (MatMul's needs the other operand), and they must see the same weights as
-        // the forward pass did, not ones another update of this step already changed.
-        let grads: Vec<Output> = present.iter().map(|(gr, _)| *gr).collect();
-        let ready = g.group(&format!("{name}/gradients_ready"), &grads);
-        let mut deps = g.with_control_dependencies(&[ready], |g| self.build_updates(g, &present, name))?;
-        if let Some(step) = global_step {
-            let one = scalar_of(g, 1.0, g.dtype(step));
-            let inc = g.with_control_dependencies(&deps, |g| {
-                g.colocate_with(step, |g| {
-                    g.custom(
-                        core_op("AssignAdd"),
-                        &format!("{name}/increment_global_step"),
-                        &[step, one],
-                        attrs! {},
-                    )
-                })
-            });
-            deps.push(inc);
-        }
-        let op = g.group(name, &deps);
-        g.status()?;
-        Ok(op)
+        // The one lives with the step, so the increment needs no edge from another task.
+        let step = global_step.map(|s| (s, g.colocate_with(s, |g| scalar_of(g, 1.0, g.dtype(s)))));
+        apply_with_step(self, g, grads_and_vars, step, name)
     }
 
     /// `compute_gradients` over the trainable variables, then `apply_gradients`.
@@ -116,6 +123,74 @@ pub trait Optimizer {
         let gv = self.compute_gradients(g, loss, &vars)?;
         self.apply_gradients(g, &gv, global_step, self.name())
     }
+}
+
+/// `Optimizer::apply_gradients` with the global step advanced by `step.1` (a scalar of its
+/// dtype) instead of one: the updates of `opt`, each waiting for every gradient, then
+/// `AssignAdd(step.0, step.1)` once they are done; the op named `name` waits for all of them
+/// with one control edge per device (`group_by_device`).
+pub fn apply_with_step<O: Optimizer + ?Sized>(
+    opt: &O,
+    g: &Graph,
+    grads_and_vars: &[(Option<Output>, VariableInfo)],
+    step: Option<(Output, Output)>,
+    name: &str,
+) -> Result<Output> {
+    g.status()?;
+    let present: Vec<(Output, VariableInfo)> =
+        grads_and_vars.iter().filter_map(|(gr, v)| gr.map(|gr| (gr, v.clone()))).collect();
+    if present.is_empty() {
+        let names: Vec<&str> = grads_and_vars.iter().map(|(_, v)| v.name.as_str()).collect();
+        return Err(Error::invalid_argument(format!("No gradients provided for any variable: {names:?}")));
+    }
+    // No variable changes before every gradient of the step is computed: gradient ops read
+    // the weights (MatMul's needs the other operand), and they must see the same weights as
+    // the forward pass did, not ones another update of this step already changed.
+    let grads: Vec<Output> = present.iter().map(|(gr, _)| *gr).collect();
+    let ready = g.group(&format!("{name}/gradients_ready"), &grads);
+    let mut deps = g.with_control_dependencies(&[ready], |g| opt.build_updates(g, &present, name))?;
+    if let Some((gs, amount)) = step {
+        let inc = g.with_control_dependencies(&deps, |g| {
+            g.colocate_with(gs, |g| {
+                g.custom(
+                    core_op("AssignAdd"),
+                    &format!("{name}/increment_global_step"),
+                    &[gs, amount],
+                    attrs! {},
+                )
+            })
+        });
+        // The increment already waits for every update.
+        deps = vec![inc];
+    }
+    let op = group_by_device(g, name, &deps);
+    g.status()?;
+    Ok(op)
+}
+
+/// A no-op named `name` that runs after every op of `deps`, with one control edge per device
+/// they are on: the ops on each device are first grouped there (TensorFlow's `group` does the
+/// same), so a worker's train op waits for a ps task's updates through one cross-task edge,
+/// not one per variable.
+pub fn group_by_device(g: &Graph, name: &str, deps: &[Output]) -> Output {
+    let mut buckets: Vec<(String, Vec<Output>)> = Vec::new();
+    for &d in deps {
+        let dev = g.node(d.node).device;
+        match buckets.iter_mut().find(|(k, _)| *k == dev) {
+            Some((_, b)) => b.push(d),
+            None => buckets.push((dev, vec![d])),
+        }
+    }
+    let mut inner = Vec::with_capacity(buckets.len());
+    for (i, (dev, ops)) in buckets.into_iter().enumerate() {
+        if ops.len() == 1 || dev.is_empty() {
+            // One op, or ops the placer has yet to place: nothing to merge.
+            inner.extend(ops);
+        } else {
+            inner.push(g.with_device(dev.as_str(), |g| g.group(&format!("{name}/on_device_{i}"), &ops)));
+        }
+    }
+    g.group(name, &inner)
 }
 
 /// A slot of `var`: a non-trainable global variable named `<var>/<opt>` (uniquified), colocated

@@ -1,4 +1,5 @@
-//! TensorBoard event files: `FileWriter` appends `Event` protobufs (hand-encoded) to
+//! TensorBoard event files: `FileWriter` appends `Event` protobufs (hand-encoded, scalars and
+//! histograms) to
 //! `events.out.tfevents.<secs>.<host>` in TFRecord framing; `read_records` and `decode_event`
 //! read them back.
 
@@ -123,6 +124,14 @@ fn encode_event(wall_time: f64, step: i64, body: &EventBody<'_>) -> Vec<u8> {
             bytes_field(&mut summary, 1, &value);
             bytes_field(&mut out, 5, &summary);
         }
+        EventBody::Histogram(t, h) => {
+            let mut value = Vec::new();
+            bytes_field(&mut value, 1, t.as_bytes());
+            bytes_field(&mut value, 5, &h.encode());
+            let mut summary = Vec::new();
+            bytes_field(&mut summary, 1, &value);
+            bytes_field(&mut out, 5, &summary);
+        }
     }
     out
 }
@@ -130,6 +139,109 @@ fn encode_event(wall_time: f64, step: i64, body: &EventBody<'_>) -> Vec<u8> {
 enum EventBody<'a> {
     FileVersion(&'a str),
     Scalar(&'a str, f32),
+    Histogram(&'a str, &'a Histogram),
+}
+
+/// A histogram summary (TensorBoard's `HistogramProto`): `bucket[i]` counts the values in
+/// `(bucket_limit[i-1], bucket_limit[i]]`; the last limit is `f64::MAX`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    pub min: f64,
+    pub max: f64,
+    pub num: f64,
+    pub sum: f64,
+    pub sum_squares: f64,
+    pub bucket_limit: Vec<f64>,
+    pub bucket: Vec<f64>,
+}
+
+impl Histogram {
+    /// An empty histogram with the given increasing upper limits (`f64::MAX` is appended when
+    /// the last limit is below it, so every value has a bucket).
+    pub fn new(limits: &[f64]) -> Result<Histogram> {
+        if limits.windows(2).any(|w| w[0] >= w[1]) || limits.iter().any(|l| l.is_nan()) {
+            return Err(Error::invalid_argument("histogram bucket limits must increase"));
+        }
+        let mut bucket_limit = limits.to_vec();
+        if bucket_limit.last().is_none_or(|&l| l < f64::MAX) {
+            bucket_limit.push(f64::MAX);
+        }
+        let bucket = vec![0.0; bucket_limit.len()];
+        Ok(Histogram {
+            min: f64::MAX,
+            max: -f64::MAX,
+            num: 0.0,
+            sum: 0.0,
+            sum_squares: 0.0,
+            bucket_limit,
+            bucket,
+        })
+    }
+
+    /// One bucket per integer `0..=max_value` (limits at `k + 0.5`), then the rest.
+    pub fn integers(max_value: u32) -> Histogram {
+        let limits: Vec<f64> = (0..=max_value).map(|k| f64::from(k) + 0.5).collect();
+        Histogram::new(&limits).expect("increasing limits")
+    }
+
+    pub fn add(&mut self, v: f64) {
+        let i = self.bucket_limit.partition_point(|&l| l < v).min(self.bucket.len() - 1);
+        self.bucket[i] += 1.0;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.num += 1.0;
+        self.sum += v;
+        self.sum_squares += v * v;
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (min, max) = if self.num > 0.0 { (self.min, self.max) } else { (0.0, 0.0) };
+        for (f, v) in [(1, min), (2, max), (3, self.num), (4, self.sum), (5, self.sum_squares)] {
+            tag(&mut out, f, 1);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for (f, vs) in [(6, &self.bucket_limit), (7, &self.bucket)] {
+            let packed: Vec<u8> = vs.iter().flat_map(|v| v.to_le_bytes()).collect();
+            bytes_field(&mut out, f, &packed);
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Histogram> {
+        let mut h = Histogram {
+            min: 0.0,
+            max: 0.0,
+            num: 0.0,
+            sum: 0.0,
+            sum_squares: 0.0,
+            bucket_limit: Vec::new(),
+            bucket: Vec::new(),
+        };
+        let f64_of = |x: &[u8]| f64::from_le_bytes(x[..8].try_into().expect("8 bytes"));
+        for (f, w, x) in fields(b)? {
+            match (f, w) {
+                (1, 1) => h.min = f64_of(&x),
+                (2, 1) => h.max = f64_of(&x),
+                (3, 1) => h.num = f64_of(&x),
+                (4, 1) => h.sum = f64_of(&x),
+                (5, 1) => h.sum_squares = f64_of(&x),
+                (6, 2) | (7, 2) => {
+                    if x.len() % 8 != 0 {
+                        return Err(Error::data_loss("packed doubles of a histogram are truncated"));
+                    }
+                    let vs = x.chunks_exact(8).map(f64_of);
+                    if f == 6 {
+                        h.bucket_limit.extend(vs)
+                    } else {
+                        h.bucket.extend(vs)
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(h)
+    }
 }
 
 /// What `decode_event` finds in an `Event`.
@@ -140,6 +252,8 @@ pub struct DecodedEvent {
     pub file_version: Option<String>,
     /// `(tag, simple_value)` of each summary value.
     pub scalars: Vec<(String, f32)>,
+    /// `(tag, histo)` of each histogram value.
+    pub histograms: Vec<(String, Histogram)>,
 }
 
 struct Reader<'a> {
@@ -216,15 +330,19 @@ pub fn decode_event(b: &[u8]) -> Result<DecodedEvent> {
                     if (vf, vw) != (1, 2) {
                         continue;
                     }
-                    let (mut tag, mut v) = (String::new(), 0f32);
+                    let (mut tag, mut v, mut histo) = (String::new(), 0f32, None);
                     for (k, kw, x) in fields(&value)? {
                         match (k, kw) {
                             (1, 2) => tag = utf8(x)?,
                             (2, 5) => v = f32::from_le_bytes(x[..4].try_into().expect("4 bytes")),
+                            (5, 2) => histo = Some(Histogram::decode(&x)?),
                             _ => {}
                         }
                     }
-                    ev.scalars.push((tag, v));
+                    match histo {
+                        Some(h) => ev.histograms.push((tag, h)),
+                        None => ev.scalars.push((tag, v)),
+                    }
                 }
             }
             _ => {}
@@ -233,7 +351,7 @@ pub fn decode_event(b: &[u8]) -> Result<DecodedEvent> {
     Ok(ev)
 }
 
-/// Writes scalar summaries to a TensorBoard event file.
+/// Writes scalar and histogram summaries to a TensorBoard event file.
 pub struct FileWriter {
     path: PathBuf,
     out: BufWriter<File>,
@@ -286,6 +404,11 @@ impl FileWriter {
     /// Appends one scalar `value` for `tag` at `step`.
     pub fn add_scalar(&mut self, tag: &str, value: f32, step: i64) -> Result<()> {
         self.write_event(now_secs(), step, &EventBody::Scalar(tag, value))
+    }
+
+    /// Appends one histogram for `tag` at `step`.
+    pub fn add_histogram(&mut self, tag: &str, histogram: &Histogram, step: i64) -> Result<()> {
+        self.write_event(now_secs(), step, &EventBody::Histogram(tag, histogram))
     }
 
     /// Pushes buffered events to the file.

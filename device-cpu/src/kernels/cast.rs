@@ -143,12 +143,55 @@ fn cast_slice<S: CastElem, D: CastElem>(pool: &dyn IntraOpPool, src: &[S], dst: 
     }
 }
 
+/// f32 to and from f16/bf16 with the `half` crate's slice conversions (F16C where the CPU has
+/// it, one rounding to nearest even as the generic path): these casts carry half-precision
+/// transfers between tasks. `false` for other pairs.
+fn cast_f32_half(pool: &dyn IntraOpPool, x: &Tensor, out: &mut Tensor) -> Result<bool> {
+    use rill_graph::half::slice::HalfFloatSliceExt;
+    macro_rules! chunks {
+        ($src:expr, $dst:expr, |$s:ident, $d:ident| $conv:expr) => {{
+            let src = $src;
+            super::for_chunks(pool, $dst, 1, |off, $d| {
+                let $s = &src[off..off + $d.len()];
+                $conv
+            });
+            Ok(true)
+        }};
+    }
+    match (x.dtype(), out.dtype()) {
+        (DType::F32, DType::F16) => {
+            let src: &[f32] = bytemuck::cast_slice(x.as_bytes()?);
+            chunks!(src, bytemuck::cast_slice_mut::<u8, f16>(out.as_bytes_mut()?), |s, d| d
+                .convert_from_f32_slice(s))
+        }
+        (DType::F32, DType::BF16) => {
+            let src: &[f32] = bytemuck::cast_slice(x.as_bytes()?);
+            chunks!(src, bytemuck::cast_slice_mut::<u8, bf16>(out.as_bytes_mut()?), |s, d| d
+                .convert_from_f32_slice(s))
+        }
+        (DType::F16, DType::F32) => {
+            let src: &[f16] = bytemuck::cast_slice(x.as_bytes()?);
+            chunks!(src, bytemuck::cast_slice_mut::<u8, f32>(out.as_bytes_mut()?), |s, d| s
+                .convert_to_f32_slice(d))
+        }
+        (DType::BF16, DType::F32) => {
+            let src: &[bf16] = bytemuck::cast_slice(x.as_bytes()?);
+            chunks!(src, bytemuck::cast_slice_mut::<u8, f32>(out.as_bytes_mut()?), |s, d| s
+                .convert_to_f32_slice(d))
+        }
+        _ => Ok(false),
+    }
+}
+
 /// `x` converted to `to`.
 pub(crate) fn cast(pool: &dyn IntraOpPool, x: &Tensor, to: DType) -> Result<Tensor> {
     if x.dtype() == to {
         return Ok(x.clone());
     }
     let mut out = Tensor::try_zeros(to, *x.shape())?;
+    if cast_f32_half(pool, x, &mut out)? {
+        return Ok(out);
+    }
     cast_dispatch!(x.dtype(), S => {
         let src: &[S] = bytemuck::cast_slice(x.as_bytes()?);
         cast_dispatch!(to, D => {
