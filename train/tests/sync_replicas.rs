@@ -252,3 +252,49 @@ fn sync_training_with_a_spare_replica_keeps_going_when_one_leaves() {
     assert!(chief.chief_rounds.unwrap() >= chief.global_step as u64, "{reports:?}");
     assert!(chief.loss_after < 0.6 * chief.loss_before, "{reports:?}");
 }
+
+/// A replica whose gradients reach the accumulators one at a time, with a gap longer than the
+/// chief's round deadline, still completes the round: no take starts before every accumulator
+/// is full, so no gradient is taken and then lost to a cut round.
+#[test]
+fn a_round_waits_for_gradients_that_arrive_apart_without_losing_any() {
+    let g = Graph::new();
+    let global_step = create_global_step(&g).unwrap();
+    let v0 = g.variable("v0", g.zeros([2]));
+    let v1 = g.variable("v1", g.zeros([2]));
+    let loss = g.add(g.reduce_sum(v0, &[], false), g.reduce_sum(v1, &[], false));
+    let opt = SyncReplicasOptimizer::new(GradientDescent::new(1.0), 2, 2);
+    let train_op = opt.minimize(&g, loss, Some(global_step)).unwrap();
+    let ops = opt.sync_ops().unwrap();
+    // The late replica's gradients, one accumulator at a time, tagged with step 0.
+    let (step0, ones) = (g.scalar(0i64), g.fill_dynamic(g.ints(&[2]), g.scalar(1f32)));
+    let late: Vec<Output> = ops
+        .accumulators
+        .iter()
+        .map(|&acc| rill_queues::accumulator_apply_gradient(&g, acc, step0, ones))
+        .collect();
+    let init = g.global_variables_initializer();
+    g.status().unwrap();
+    let sess: Arc<dyn Session> =
+        Arc::new(DirectSession::new(&g, &standard_runtime(), SessionOptions::default()).unwrap());
+    sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
+    sess.run(&[], &[], &[ops.chief_init_op], &ro(5_000)).unwrap();
+    let coord = Coordinator::new();
+    let opts = ChiefLoopOptions { round_timeout_in_ms: 30, max_rounds: 1 };
+    let chief = ops.start_chief_loop(sess.clone(), &coord, opts);
+    // The prompt replica: its step applies both gradients, then waits for a token.
+    let s = sess.clone();
+    let prompt = std::thread::spawn(move || s.run(&[], &[], &[train_op], &ro(10_000)));
+    sess.run(&[], &[], &[late[0]], &ro(5_000)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    sess.run(&[], &[], &[late[1]], &ro(5_000)).unwrap();
+    prompt.join().unwrap().expect("the prompt replica gets its token");
+    assert_eq!(chief.rounds(), 1);
+    let out = sess.run(&[], &[global_step, v0, v1], &[], &ro(5_000)).unwrap();
+    assert_eq!(out[0].scalar_value::<i64>().unwrap(), 1);
+    // Both replicas' gradients (1 each) averaged and applied once: every weight moved by -1.
+    assert_eq!(out[1].to_vec::<f32>().unwrap(), vec![-1.0, -1.0]);
+    assert_eq!(out[2].to_vec::<f32>().unwrap(), vec![-1.0, -1.0]);
+    coord.request_stop(None);
+    coord.join(Duration::from_secs(5)).unwrap();
+}
