@@ -95,6 +95,8 @@ struct Core {
     ready_ops: Vec<Output>,
     global_step: Option<Output>,
     checkpoint: Option<Mutex<CheckpointState>>,
+    /// The checkpoint the chief last restored and the global step it held.
+    last_restore: Mutex<Option<(PathBuf, Option<i64>)>>,
 }
 
 /// A recoverable session; see the module documentation.
@@ -158,6 +160,7 @@ impl MonitoredSession {
             local_init_op: scaffold.local_init_op,
             ready_ops,
             checkpoint,
+            last_restore: Mutex::new(None),
         };
         let session = core.connect_and_prepare()?;
         Ok(MonitoredSession {
@@ -193,6 +196,11 @@ impl MonitoredSession {
         cur.session = s;
         cur.generation += 1;
         Ok(())
+    }
+
+    /// The checkpoint the chief last restored (when it started or recovered) and its global step.
+    pub fn last_restore(&self) -> Option<(PathBuf, Option<i64>)> {
+        lock(&self.core.last_restore).clone()
     }
 
     /// Writes a checkpoint now (chief with a checkpoint dir); returns its path.
@@ -262,10 +270,13 @@ impl Core {
         let mut ck = lock(ck);
         ck.saver.restore(sess, path)?;
         // What was restored counts as saved: the next save comes N steps after it.
-        if let Some(gs) = self.global_step {
-            ck.last_step = sess.run(&[], &[gs], &[], &self.control())?[0].scalar_value::<i64>().ok();
-        }
+        let step = match self.global_step {
+            Some(gs) => sess.run(&[], &[gs], &[], &self.control())?[0].scalar_value::<i64>().ok(),
+            None => None,
+        };
+        ck.last_step = step;
         ck.last_time = Instant::now();
+        *lock(&self.last_restore) = Some((path.to_path_buf(), step));
         Ok(())
     }
 
@@ -369,13 +380,23 @@ impl Session for MonitoredSession {
                 r => break (sess, r?),
             }
         };
-        if step_fetch.is_some() {
+        let saved = if step_fetch.is_some() {
             let step = out.pop().and_then(|t| t.scalar_value::<i64>().ok());
-            core.maybe_save(&*sess, step)?;
+            core.maybe_save(&*sess, step)
         } else if core.checkpoint.is_some() && core.opts.save_checkpoint_secs > 0 {
-            core.maybe_save(&*sess, None)?;
+            core.maybe_save(&*sess, None)
+        } else {
+            Ok(())
+        };
+        match saved {
+            // The step itself succeeded; the task lost during the save fails the next step,
+            // which recovers, and the save is due again after it.
+            Err(e) if needs_new_session(&e) => {
+                eprintln!("rill: checkpoint not written, a task was lost during the save: {e}");
+                Ok(out)
+            }
+            r => r.map(|()| out),
         }
-        Ok(out)
     }
 
     fn extend(&self, graph: &Graph) -> Result<()> {

@@ -1,7 +1,9 @@
 //! Between-graph training of the digits model on a 1 ps + 2 worker loopback cluster in one
 //! process, synchronous and asynchronous, to the accuracy target; the chief writes its files.
+//! Gradients at half precision halve their share of the bytes on the wire, and async workers
+//! report the staleness of their gradients.
 
-use rill_train::job::{run_worker, Mode, TrainOptions};
+use rill_train::job::{run_worker, Mode, TrainOptions, TrainReport};
 use rill_train::standard_runtime;
 use rill_transport::{ClusterSpec, Server, ServerDef};
 
@@ -9,7 +11,7 @@ fn free_port() -> u16 {
     rill_transport::cluster::free_loopback_port().unwrap()
 }
 
-fn train(mode: Mode) -> (f32, Vec<i64>) {
+fn train(opts: TrainOptions) -> Vec<TrainReport> {
     let spec = ClusterSpec::parse(&format!(
         "ps=127.0.0.1:{};worker=127.0.0.1:{},127.0.0.1:{}",
         free_port(),
@@ -27,7 +29,7 @@ fn train(mode: Mode) -> (f32, Vec<i64>) {
     let workers: Vec<Server> = (0..2).map(|t| start("worker", t)).collect();
     let out =
         std::env::temp_dir().join(format!("rill-job-{}-{}", std::process::id(), rill_graph::random_u64()));
-    let opts = TrainOptions { mode, steps: 500, out_dir: out.clone(), log_every: 1000, ..Default::default() };
+    let opts = TrainOptions { out_dir: out.clone(), ..opts };
     let reports: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = workers
             .iter()
@@ -43,14 +45,31 @@ fn train(mode: Mode) -> (f32, Vec<i64>) {
     assert!(chief.trace.as_ref().unwrap().exists() && chief.checkpoint.as_ref().unwrap().exists());
     assert!(std::fs::read_dir(chief.events.as_ref().unwrap()).unwrap().count() > 0);
     std::fs::remove_dir_all(&out).unwrap();
-    (chief.test_accuracy.unwrap(), reports.iter().map(|r| r.global_step).collect())
+    reports
+}
+
+fn options(mode: Mode) -> TrainOptions {
+    TrainOptions { mode, steps: 500, log_every: 1000, ..Default::default() }
+}
+
+/// The chief's test accuracy and bytes per step; every worker reached the last step.
+fn check(what: &str, reports: &[TrainReport]) -> (f32, f64) {
+    let acc = reports[0].test_accuracy.unwrap();
+    assert!(acc >= 0.95, "{what}: test accuracy {acc}");
+    assert!(reports.iter().all(|r| r.global_step >= 499), "{what}: {reports:?}");
+    (acc, reports[0].bytes_per_step)
 }
 
 #[test]
 fn sync_and_async_training_reach_the_accuracy_target() {
-    for mode in [Mode::Sync, Mode::Async] {
-        let (acc, steps) = train(mode);
-        assert!(acc >= 0.95, "{mode:?}: test accuracy {acc}");
-        assert!(steps.iter().all(|&s| s >= 499), "{mode:?}: {steps:?}");
-    }
+    check("sync", &train(options(Mode::Sync)));
+    let plain = train(options(Mode::Async));
+    let (_, plain_bytes) = check("async", &plain);
+    let staleness = plain[0].staleness.as_ref().expect("async workers measure staleness");
+    assert!(staleness.num >= 200.0 && staleness.min >= 0.0, "{staleness:?}");
+
+    let half = TrainOptions { half_transfer: Some(rill_graph::DType::F16), ..options(Mode::Async) };
+    let (_, half_bytes) = check("async, f16 gradients", &train(half));
+    // Parameters still travel as f32: gradients are about half of the bytes.
+    assert!(half_bytes < 0.85 * plain_bytes, "f16 gradients: {half_bytes} vs {plain_bytes} bytes per step");
 }

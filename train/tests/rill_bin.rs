@@ -108,7 +108,7 @@ fn bad_input_exits_non_zero_with_a_message() {
     let one = "worker=127.0.0.1:1";
     let cases: &[(&[&str], &[(&str, &str)], i32, &str)] = &[
         (&[], &[], 2, "usage: rill COMMAND"),
-        (&["fly"], &[], 2, "unknown command 'fly' (commands: server, cluster, train)"),
+        (&["fly"], &[], 2, "unknown command 'fly' (commands: server, cluster, train, check)"),
         (
             &["train", "--cluster", "worker=127.0.0.1:1", "--job", "worker", "--mode", "never"],
             &[],

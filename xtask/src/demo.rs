@@ -7,9 +7,11 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use crate::procs::{field, free_ports, target_dir, Tasks};
 
 /// The whole demo must finish within this, or it stops every task and fails.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(600);
@@ -49,36 +51,11 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
-/// Free loopback ports, all different: the listeners are held until every port is chosen, so
-/// the OS cannot offer one port twice.
-fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}")))
-        .collect::<Result<_, _>>()?;
-    ls.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
-}
-
-/// Children that are killed when this value is dropped, whatever happened.
-struct Tasks(Vec<(String, Child)>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[derive(Default, Clone)]
 struct Progress {
     step: u64,
     loss: f64,
     examples_per_sec: f64,
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 fn bar(step: u64, total: u64) -> String {
@@ -92,7 +69,7 @@ pub fn demo(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Result
     let mut build = cargo();
     build.args(["build", "--release", "-p", "rill-train", "--bin", "rill"]);
     crate::step("build rill", build)?;
-    let rill = root.join("target/release/rill");
+    let rill = target_dir(root).join("release/rill");
     let ports = free_ports(o.ps + o.workers)?;
     let addr = |p: &u16| format!("127.0.0.1:{p}");
     let ps: Vec<String> = ports[..o.ps].iter().map(addr).collect();
@@ -100,7 +77,7 @@ pub fn demo(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Result
     let spec = format!("ps={};worker={}", ps.join(","), ws.join(","));
     let stamp =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let out = root.join("target/demo").join(stamp.to_string());
+    let out = target_dir(root).join("demo").join(stamp.to_string());
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     println!(
         "cluster: {spec}\nmode: {}, model: {}, steps: {}, output: {}",

@@ -1,16 +1,22 @@
 //! `cargo xtask`: the project's task runner, in plain Rust with the standard library.
 //!
-//! - `cargo xtask ci`: format check, clippy with warnings denied, and the whole test suite.
+//! - `cargo xtask ci`: format check, clippy with warnings denied, the whole test suite, then the
+//!   loopback tier of `cluster-test`.
 //! - `cargo xtask demo [--workers N] [--ps N] [--mode sync|async] [--steps N] [--model mlp|cnn]`:
 //!   the README's main job, a local cluster training the digits model.
+//! - `cargo xtask cluster-test [--only a,b] [--release] [--netns] [--cluster-file F | --from-env]
+//!   [--secret-file F]`: a deployment's acceptance test on local clusters of `rill` processes (or
+//!   the client-side checks against a cluster the user started), printed as a table.
 //! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
 //! - `cargo xtask gpu-check [--build-only DIR]`: the one script for a machine with a GPU ("no GPU"
 //!   is a failure); `--build-only` makes a bundle for a GPU machine without cargo (`DIR/run.sh`).
 //! - `cargo xtask ptx`: regenerates the committed PTX from `device-cuda/cuda/*.cu`.
 
 mod bench;
+mod cluster_test;
 mod demo;
 mod gpu_check;
+mod procs;
 
 use std::process::{Command, ExitCode};
 
@@ -45,7 +51,9 @@ fn ci() -> Result<(), String> {
     step("clippy", clippy)?;
     let mut test = cargo();
     test.args(["test", "--workspace"]);
-    step("test", test)
+    step("test", test)?;
+    eprintln!("== cluster-test (loopback tier)");
+    cluster_test::cluster_test(&workspace_root(), &cargo, &[])
 }
 
 fn ptx() -> Result<(), String> {
@@ -55,7 +63,7 @@ fn ptx() -> Result<(), String> {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: cargo xtask <ci|demo|bench|gpu-check|ptx>");
+    eprintln!("usage: cargo xtask <ci|demo|cluster-test|bench|gpu-check|ptx>");
     ExitCode::from(2)
 }
 
@@ -65,6 +73,7 @@ fn main() -> ExitCode {
     let r = match cmd.as_str() {
         "ci" => ci(),
         "demo" => demo::demo(&workspace_root(), &cargo, &args[1..]),
+        "cluster-test" => cluster_test::cluster_test(&workspace_root(), &cargo, &args[1..]),
         "bench" => bench::bench(&workspace_root(), &cargo, &args[1..]),
         "gpu-check" => gpu_check::gpu_check(&args[1..]),
         "ptx" => ptx(),
