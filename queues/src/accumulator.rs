@@ -1,13 +1,16 @@
 //! `ConditionalAccumulator`: the resource that aggregates gradients for synchronous training, its
 //! ops (`ConditionalAccumulator`, `AccumulatorApplyGradient`, `AccumulatorTakeGradient`,
-//! `AccumulatorNumAccumulated`, `AccumulatorSetGlobalStep`) and their graph builders.
+//! `AccumulatorNumAccumulated`, `AccumulatorSetGlobalStep`, and rill's `AccumulatorAwaitGradients`)
+//! and their graph builders.
 //!
 //! The rules are TensorFlow's (`conditional_accumulator_base.cc`): a gradient computed at a
 //! `local_step` older than the accumulator's global step is dropped without an error; a take waits
 //! until `num_required` gradients are in, returns their mean (over every gradient accumulated, which
 //! may be more than `num_required`), resets the sum and advances the global step by one; waiting
 //! takes are served in arrival order. A take waits in the accumulator, never on a thread, and a
-//! cancelled take withdraws only itself: the gradients stay for the next take.
+//! cancelled take withdraws only itself: the gradients stay for the next take. An await waits in
+//! the same line as the takes but takes nothing: it lets a chief start its takes only once every
+//! accumulator is full, so a deadline can never cut a round between two takes.
 
 use crate::{op_def, resource_name};
 use rill_graph::kernel::{
@@ -59,6 +62,8 @@ type CancelSlot = Option<(Arc<CancellationManager>, Arc<OnceLock<CancelToken>>)>
 struct TakeAttempt {
     id: u64,
     num_required: usize,
+    /// An await: answered with the count, the gradients stay.
+    peek: bool,
     done: TakeDone,
     cancel: CancelSlot,
 }
@@ -238,6 +243,27 @@ impl ConditionalAccumulator {
         cancel: Option<&Arc<CancellationManager>>,
         done: TakeDone,
     ) {
+        self.wait_async(num_required, false, cancel, done)
+    }
+
+    /// Waits like a take until `num_required` gradients are in, then answers with their count
+    /// (an int32 scalar) and leaves them, and the global step, as they are.
+    pub fn await_grads_async(
+        self: &Arc<Self>,
+        num_required: i64,
+        cancel: Option<&Arc<CancellationManager>>,
+        done: TakeDone,
+    ) {
+        self.wait_async(num_required, true, cancel, done)
+    }
+
+    fn wait_async(
+        self: &Arc<Self>,
+        num_required: i64,
+        peek: bool,
+        cancel: Option<&Arc<CancellationManager>>,
+        done: TakeDone,
+    ) {
         if num_required <= 0 {
             return done(Err(Error::invalid_argument(format!(
                 "Argument num_required must be positive, but was {num_required}"
@@ -249,7 +275,7 @@ impl ConditionalAccumulator {
             st.next_id += 1;
             let id = st.next_id;
             let num_required = usize::try_from(num_required).unwrap_or(usize::MAX);
-            st.takers.push_back(TakeAttempt { id, num_required, done, cancel: slot.clone() });
+            st.takers.push_back(TakeAttempt { id, num_required, peek, done, cancel: slot.clone() });
             let list = self.flush(&mut st);
             (st.takers.iter().any(|a| a.id == id).then_some(id), list)
         };
@@ -289,6 +315,11 @@ impl ConditionalAccumulator {
         let mut out = Vec::new();
         while st.takers.front().is_some_and(|a| st.counter >= a.num_required) {
             let a = st.takers.pop_front().expect("front exists");
+            if a.peek {
+                let n = Tensor::scalar(st.counter.min(i32::MAX as usize) as i32);
+                out.push((a, Ok(n)));
+                continue;
+            }
             let r = self.reduce(st);
             st.global_step += 1;
             st.counter = 0;
@@ -390,6 +421,13 @@ pub(crate) fn infer_take_gradient(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![TensorInfo::new(c.attrs.dtype("dtype")?, shape)])
 }
 
+pub(crate) fn infer_await_gradients(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(2)?;
+    expect_handle(c)?;
+    c.expect_dtype(1, &[DType::I32])?;
+    Ok(vec![TensorInfo::new(DType::I32, PartialShape::scalar())])
+}
+
 pub(crate) fn infer_num_accumulated(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     c.expect_inputs(1)?;
     expect_handle(c)?;
@@ -456,7 +494,10 @@ pub(crate) fn create_apply_gradient(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(if init.inputs_small() { Kernel::cheap(ApplyGradientK) } else { Kernel::expensive(ApplyGradientK) })
 }
 
-struct TakeGradientK;
+/// `AccumulatorTakeGradient` (`peek` false) or `AccumulatorAwaitGradients` (`peek` true).
+struct TakeGradientK {
+    peek: bool,
+}
 
 impl AsyncOpKernel for TakeGradientK {
     fn compute_async(&self, ctx: AsyncKernelContext, done: AsyncDone) {
@@ -470,8 +511,9 @@ impl AsyncOpKernel for TakeGradientK {
         };
         let cm = ctx.step.cancellation.clone();
         let node = ctx.node.clone();
-        acc.take_grad_async(
+        acc.wait_async(
             i64::from(n),
+            self.peek,
             Some(&cm),
             Box::new(move |r| {
                 done(r.map(|t| vec![Value::Tensor(t)]).map_err(|e| rill_graph::kernel::node_error(&node, e)))
@@ -481,7 +523,11 @@ impl AsyncOpKernel for TakeGradientK {
 }
 
 pub(crate) fn create_take_gradient(_: &KernelInit<'_>) -> Result<Kernel> {
-    Ok(Kernel::asynchronous(TakeGradientK))
+    Ok(Kernel::asynchronous(TakeGradientK { peek: false }))
+}
+
+pub(crate) fn create_await_gradients(_: &KernelInit<'_>) -> Result<Kernel> {
+    Ok(Kernel::asynchronous(TakeGradientK { peek: true }))
 }
 
 struct NumAccumulatedK;
@@ -572,6 +618,15 @@ pub fn accumulator_take_gradient_dynamic(g: &Graph, acc: Output, num_required: O
             &[acc, num_required],
             attrs! { "dtype" => dtype, "shape" => shape },
         )
+    })
+}
+
+/// Waits (asynchronously) until `num_required` gradients are in and returns their count (int32
+/// scalar), taking nothing.
+pub fn accumulator_await_gradients(g: &Graph, acc: Output, num_required: usize) -> Output {
+    g.colocate_with(acc, |g| {
+        let n = g.scalar(num_required.min(i32::MAX as usize) as i32);
+        g.op(op_def("AccumulatorAwaitGradients"), "", &[acc, n], attrs! {})
     })
 }
 

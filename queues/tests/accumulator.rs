@@ -213,6 +213,34 @@ fn waiting_takes_are_served_in_order_by_later_gradients() {
 }
 
 #[test]
+fn an_await_waits_like_a_take_but_takes_nothing() {
+    let acc = Arc::new(
+        ConditionalAccumulator::new("a", DType::F32, PartialShape::scalar(), Reduction::Mean).unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let cm = Arc::new(CancellationManager::new());
+    let send = |tx: mpsc::Sender<_>| -> rq::TakeDone {
+        Box::new(move |r: rill_graph::Result<Tensor>| {
+            tx.send(r.map(|t| t.scalar_value::<i32>().unwrap())).unwrap()
+        })
+    };
+    acc.await_grads_async(2, Some(&cm), send(tx.clone()));
+    acc.apply_grad(0, &Tensor::scalar(1f32)).unwrap();
+    assert!(rx.try_recv().is_err(), "one gradient of two");
+    acc.apply_grad(0, &Tensor::scalar(3f32)).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap(), 2);
+    // Nothing was taken: the count, the step and the mean are all still there.
+    assert_eq!((acc.num_accumulated(), acc.global_step()), (2, 0));
+    assert_eq!(acc.take_grad(2, Duration::from_secs(5)).unwrap().scalar_value::<f32>().unwrap(), 2.0);
+    // A cancelled await leaves the gradients too.
+    acc.apply_grad(1, &Tensor::scalar(5f32)).unwrap();
+    acc.await_grads_async(2, Some(&cm), send(tx));
+    cm.cancel(Error::cancelled("step cancelled"));
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap_err().code, Code::Cancelled);
+    assert_eq!((acc.num_accumulated(), acc.global_step()), (1, 1));
+}
+
+#[test]
 fn a_cancelled_take_withdraws_only_itself() {
     let acc = Arc::new(
         ConditionalAccumulator::new("a", DType::F32, PartialShape::scalar(), Reduction::Mean).unwrap(),

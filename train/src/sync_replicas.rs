@@ -13,14 +13,13 @@ use rill_graph::{
     VariableOptions,
 };
 use rill_queues::{
-    accumulator_apply_gradient, accumulator_num_accumulated, accumulator_set_global_step,
+    accumulator_apply_gradient, accumulator_await_gradients, accumulator_set_global_step,
     accumulator_take_gradient, conditional_accumulator, dequeue, enqueue_many, fifo_queue, Coordinator,
     QueueOptions,
 };
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// Wraps an optimizer so that replicas update the variables in lock step.
 pub struct SyncReplicasOptimizer<O: Optimizer> {
@@ -55,11 +54,10 @@ pub struct SyncReplicasOps {
     pub chief_init_op: Output,
     /// Every accumulator's step set to the global step (the chief's repair after a cut round).
     pub resync_op: Output,
-    /// One chief round: take the means, apply them, increment the global step, release tokens.
+    /// One chief round: wait until every accumulator holds `replicas_to_aggregate` gradients,
+    /// then take the means, apply them, increment the global step and release tokens. The takes
+    /// start only once all are full, so a deadline that cuts a round has taken nothing.
     pub sync_op: Output,
-    /// Gradients each accumulator holds (int32 scalars, one per accumulator): the chief starts
-    /// a round only when all reach `replicas_to_aggregate`, so its takes never wait.
-    pub num_accumulated: Vec<Output>,
     pub token_queue: Output,
     pub global_step: Output,
     pub accumulators: Vec<Output>,
@@ -139,10 +137,22 @@ impl<O: Optimizer> SyncReplicasOptimizer<O> {
                     )
                 });
                 apply_ops.push(accumulator_apply_gradient(g, acc, local_step, grad));
-                aggregated
-                    .push((Some(accumulator_take_gradient(g, acc, self.replicas_to_aggregate)), var.clone()));
+                // The accumulator for now; replaced by its take below.
+                aggregated.push((Some(acc), var.clone()));
                 accumulators.push(acc);
             }
+            // The takes wait for every accumulator to be full, so they never wait themselves.
+            let full: Vec<Output> = accumulators
+                .iter()
+                .map(|&acc| accumulator_await_gradients(g, acc, self.replicas_to_aggregate))
+                .collect();
+            g.with_control_dependencies(&full, |g| {
+                for (grad, _) in aggregated.iter_mut() {
+                    if let Some(acc) = *grad {
+                        *grad = Some(accumulator_take_gradient(g, acc, self.replicas_to_aggregate));
+                    }
+                }
+            });
         });
         g.status()?;
         if accumulators.is_empty() {
@@ -177,7 +187,6 @@ impl<O: Optimizer> SyncReplicasOptimizer<O> {
         let sets: Vec<Output> =
             accumulators.iter().map(|&acc| accumulator_set_global_step(g, acc, gs)).collect();
         let resync_op = g.group(&format!("{name}/resync_accumulators"), &sets);
-        let num_accumulated = accumulators.iter().map(|&acc| accumulator_num_accumulated(g, acc)).collect();
         let chief_init_op = g.group(&format!("{name}/chief_init"), &[local_step_init_op, resync_op]);
         g.status()?;
         Ok(SyncReplicasOps {
@@ -187,7 +196,6 @@ impl<O: Optimizer> SyncReplicasOptimizer<O> {
             chief_init_op,
             resync_op,
             sync_op,
-            num_accumulated,
             token_queue,
             global_step: gs,
             accumulators,
@@ -261,14 +269,11 @@ impl SyncReplicasOps {
         opts: ChiefLoopOptions,
     ) -> ChiefLoop {
         let rounds = Arc::new(AtomicU64::new(0));
-        let round = Round {
-            sync_op: self.sync_op,
-            resync_op: self.resync_op,
-            counts: self.num_accumulated.clone(),
-            needed: self.replicas_to_aggregate,
-        };
+        let (sync_op, resync_op) = (self.sync_op, self.resync_op);
         let (c, r) = (coord.clone(), rounds.clone());
-        coord.register_thread(std::thread::spawn(move || chief_loop(&*sess, &c, &r, &round, &opts)));
+        coord.register_thread(std::thread::spawn(move || {
+            chief_loop(&*sess, &c, &r, sync_op, resync_op, &opts)
+        }));
         ChiefLoop { rounds }
     }
 }
@@ -276,8 +281,8 @@ impl SyncReplicasOps {
 /// Options of the chief's loop.
 #[derive(Clone, Debug)]
 pub struct ChiefLoopOptions {
-    /// How long the chief waits for gradients before it looks at the coordinator again (bounds
-    /// how long a stop takes), and the deadline of a round once they are in.
+    /// Deadline of one round: how long the chief waits for gradients before it looks at the
+    /// coordinator again. Bounds how long a stop takes.
     pub round_timeout_in_ms: u64,
     /// Rounds after which the loop ends by itself; 0 = until a stop is requested.
     pub max_rounds: u64,
@@ -302,70 +307,25 @@ impl ChiefLoop {
     }
 }
 
-/// What one chief round runs and when it may start.
-struct Round {
-    sync_op: Output,
-    resync_op: Output,
-    counts: Vec<Output>,
-    needed: usize,
-}
-
-/// Shortest and longest pause between two looks at the accumulators' counts.
-const POLL_MIN: Duration = Duration::from_micros(20);
-const POLL_MAX: Duration = Duration::from_millis(1);
-
-/// Waits until every accumulator holds `needed` gradients: `Ok(false)` when `wait` passed first.
-fn gradients_ready(sess: &dyn Session, r: &Round, ro: &RunOptions, wait: Duration) -> Result<bool> {
-    let deadline = Instant::now() + wait;
-    let mut pause = POLL_MIN;
-    loop {
-        let counts = sess.run(&[], &r.counts, &[], ro)?;
-        let mut ready = true;
-        for c in &counts {
-            ready &= c.scalar_value::<i32>()? as usize >= r.needed;
-        }
-        if ready {
-            return Ok(true);
-        }
-        if Instant::now() + pause > deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(POLL_MAX);
-    }
-}
-
 fn chief_loop(
     sess: &dyn Session,
     coord: &Coordinator,
     rounds: &AtomicU64,
-    r: &Round,
+    sync_op: Output,
+    resync_op: Output,
     opts: &ChiefLoopOptions,
 ) {
-    let wait = Duration::from_millis(opts.round_timeout_in_ms.max(1));
     let ro = RunOptions { timeout_in_ms: opts.round_timeout_in_ms.max(1), ..Default::default() };
     while !coord.should_stop() && (opts.max_rounds == 0 || rounds.load(Ordering::Acquire) < opts.max_rounds) {
-        // A round starts only once all gradients are in: a take that waited could be cut by the
-        // deadline after others had taken theirs, and those gradients would be lost while their
-        // workers wait for tokens that no round would release.
-        match gradients_ready(sess, r, &ro, wait) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) if e.code == Code::DeadlineExceeded => continue,
-            Err(e) if matches!(e.code, Code::Cancelled | Code::OutOfRange) => return,
-            Err(e) => {
-                coord.request_stop(Some(e));
-                return;
-            }
-        }
-        match sess.run(&[], &[], &[r.sync_op], &ro) {
+        match sess.run(&[], &[], &[sync_op], &ro) {
             Ok(_) => {
                 rounds.fetch_add(1, Ordering::AcqRel);
             }
             Err(e) if e.code == Code::DeadlineExceeded => {
-                // The round stalled although its gradients were in (an overloaded task). Realign
-                // the accumulators with the global step so the next round can proceed.
-                if let Err(e) = sess.run(&[], &[], &[r.resync_op], &ro) {
+                // Not enough gradients in time: the round took nothing. Realigning the
+                // accumulators with the global step is a no-op then, and repairs the rare cut
+                // after the takes began (whose workers retry with fresh gradients).
+                if let Err(e) = sess.run(&[], &[], &[resync_op], &ro) {
                     if !matches!(e.code, Code::DeadlineExceeded) {
                         coord.request_stop(Some(e));
                         return;
