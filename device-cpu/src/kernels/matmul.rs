@@ -2,9 +2,10 @@
 //! the CPU has it), f16/bf16 through f32, and a plain row-parallel loop for f64 and integers.
 //!
 //! The f32 loop nest follows BLIS: for each group of columns, all of op(B) is packed once, in
-//! parallel, into `KC`-deep blocks of `NR`-column slivers; then row blocks of C are claimed by the
-//! pool's threads, and each packs its `MC`×`KC` block of op(A) and runs the micro-kernel with one
-//! B sliver in L1 and the A block in L2.
+//! parallel, into `KC`-deep blocks of `NR`-column slivers; then bands of rows of C are claimed by
+//! the pool's threads. A band walks the depth blocks outermost, so one block of packed B is reused
+//! by all of the band's `MC`-row blocks while it is still in cache; for each, the band packs its
+//! `MC`×`KC` block of op(A) and runs the micro-kernel with one B sliver in L1 and the A block in L2.
 
 use super::{for_chunks, unsupported, Arith, Num};
 use rill_graph::device::InlinePool;
@@ -24,6 +25,9 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Most rows of a packed A block (a multiple of `MR`): 144×256 floats (144 KiB) stay in L2.
 const MC: usize = 144;
+/// Most A blocks in one band of rows: the band reuses a depth block of packed B (2 MiB for 2048
+/// columns) that many times while it is in L2/L3.
+const BAND_BLOCKS: usize = 4;
 /// Most floats of op(B) packed at once (16 MiB): all of B for matrices up to 2048², more
 /// columns are packed group by group.
 const PACKED_B_MAX: usize = 4 << 20;
@@ -315,10 +319,11 @@ fn run_block(
     block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate)
 }
 
-/// One row block of C (`rows` = C's rows `i0..`, full width `ldc`) against packed op(B) for
-/// columns `j0..j0+nc` (`ncp` of them after padding), over the whole depth `k`.
+/// One band of rows of C (`rows` = C's rows `i0..`, full width `ldc`) against packed op(B) for
+/// columns `j0..j0+nc` (`ncp` of them after padding), over the whole depth `k`: depth blocks
+/// outermost, then blocks of at most `MC` rows.
 #[allow(clippy::too_many_arguments)]
-fn row_block(
+fn row_band(
     simd: bool,
     a: &Operand<'_, f32>,
     pb: &[f32],
@@ -330,15 +335,18 @@ fn row_block(
     nc: usize,
     accumulate: bool,
 ) {
-    let mc = rows.len() / ldc;
+    let band = rows.len() / ldc;
     let ncp = nc.div_ceil(NR) * NR;
-    with_buffer(&PACKED_A, mc.div_ceil(MR) * MR * KC.min(k), |pa| {
+    with_buffer(&PACKED_A, MC.min(band.div_ceil(MR) * MR) * KC.min(k), |pa| {
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
-            pack_a(a, i0, mc, p0, kc, pa);
             let pb = &pb[p0 * ncp..(p0 + kc) * ncp];
-            run_block(simd, pa, pb, kc, rows, ldc, j0, nc, accumulate || p0 > 0);
+            for (blk, block) in rows.chunks_mut(MC * ldc).enumerate() {
+                let mc = block.len() / ldc;
+                let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
+                pack_a(a, i0 + blk * MC, mc, p0, kc, pa);
+                run_block(simd, pa, pb, kc, block, ldc, j0, nc, accumulate || p0 > 0);
+            }
         }
     });
 }
@@ -369,6 +377,22 @@ fn gemm_f32(
     n: usize,
     accumulate: bool,
 ) {
+    gemm_f32_on(has_avx2_fma(), pool, a, b, k, c, n, accumulate)
+}
+
+/// `gemm_f32` on the AVX2 micro-kernel when `simd` (which this CPU must then have), else on the
+/// portable one.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32_on(
+    simd: bool,
+    pool: &dyn IntraOpPool,
+    a: Operand<'_, f32>,
+    b: Operand<'_, f32>,
+    k: usize,
+    c: &mut [f32],
+    n: usize,
+    accumulate: bool,
+) {
     if c.is_empty() || n == 0 {
         return;
     }
@@ -379,7 +403,6 @@ fn gemm_f32(
         return;
     }
     let m = c.len() / n;
-    let simd = has_avx2_fma();
     let serial = m * n * k < PARALLEL_MIN_FLOPS;
     let pool: &dyn IntraOpPool = if serial { &InlinePool } else { pool };
     let threads = pool.num_threads().max(1);
@@ -406,15 +429,17 @@ fn gemm_f32(
             parallel_items(pool, items, |_, (p0, kc, c0, run)| {
                 pack_b(&b, p0, kc, j0 + c0, (nc - c0).min(per_run), run);
             });
-            // Row blocks of whole micro-tiles, as many as `MC` allows rounded up to a multiple of
-            // the threads, tiles spread evenly so every thread gets the same share.
+            // Bands of whole micro-tiles, each at most `BAND_BLOCKS` A blocks, their number a
+            // multiple of the threads and the tiles spread evenly so every thread gets the same
+            // share.
             let tiles = m.div_ceil(MR);
-            let nblocks = tiles.div_ceil(MC / MR).div_ceil(threads).saturating_mul(threads).min(tiles);
-            let mut items = Vec::with_capacity(nblocks);
+            let per_band = BAND_BLOCKS * MC / MR;
+            let nbands = tiles.div_ceil(per_band).div_ceil(threads).saturating_mul(threads).min(tiles);
+            let mut items = Vec::with_capacity(nbands);
             let mut rest = &mut *c;
             let mut i0 = 0;
-            for blk in 0..nblocks {
-                let i1 = ((blk + 1) * tiles / nblocks * MR).min(m);
+            for band in 0..nbands {
+                let i1 = ((band + 1) * tiles / nbands * MR).min(m);
                 let (rows, tail) = rest.split_at_mut((i1 - i0) * n);
                 rest = tail;
                 items.push((i0, rows));
@@ -422,7 +447,7 @@ fn gemm_f32(
             }
             let pb = &*pb;
             parallel_items(pool, items, |_, (i0, rows)| {
-                row_block(simd, &a, pb, k, i0, rows, n, j0, nc, accumulate);
+                row_band(simd, &a, pb, k, i0, rows, n, j0, nc, accumulate);
             });
         });
     }
@@ -578,5 +603,58 @@ impl OpKernel for MatMulK {
         };
         ctx.set_output(0, out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `C (=|+=) op(A) × op(B)` the plain way, in f64.
+    fn reference(a: &Operand<'_, f32>, b: &Operand<'_, f32>, k: usize, c: &mut [f32], n: usize, acc: bool) {
+        for (i, row) in c.chunks_exact_mut(n).enumerate() {
+            for (j, d) in row.iter_mut().enumerate() {
+                let s: f64 = (0..k).map(|p| a.at(i, p) as f64 * b.at(p, j) as f64).sum();
+                *d = if acc { (*d as f64 + s) as f32 } else { s as f32 };
+            }
+        }
+    }
+
+    /// Both micro-kernel paths (the AVX2 one where the CPU has it), on shapes around the tile,
+    /// depth-block, A-block and band edges, every transpose pair, writing and accumulating.
+    #[test]
+    fn every_path_matches_reference() {
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        let shapes = [(1, 1, 1), (7, 17, 15), (13, 257, 33), (145, 40, 17), (600, 31, 20), (1200, 9, 3)];
+        let paths = [false, has_avx2_fma()];
+        for (s, &(m, k, n)) in shapes.iter().enumerate() {
+            let av: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let bv: Vec<f32> = (0..k * n).map(|_| next()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| next()).collect();
+            let (ta, tb) = (s % 2 == 1, s % 4 >= 2);
+            let a = Operand::new(&av, if ta { m } else { k }, ta);
+            let b = Operand::new(&bv, if tb { k } else { n }, tb);
+            for acc in [false, true] {
+                let mut want = c0.clone();
+                reference(&a, &b, k, &mut want, n, acc);
+                for &simd in &paths {
+                    let mut got = c0.clone();
+                    gemm_f32_on(simd, &InlinePool, a, b, k, &mut got, n, acc);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let tol = 1e-5 * (k as f32).sqrt() * 4.0 + 1e-6;
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{m}x{k}x{n} ta={ta} tb={tb} acc={acc} simd={simd} at {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
