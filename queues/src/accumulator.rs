@@ -76,6 +76,9 @@ struct State {
     /// summed), and the shape of the first gradient since the last take.
     sum: Vec<f64>,
     sum_shape: Option<Shape>,
+    /// The last take's result, kept so that the next take writes into the same buffer once every
+    /// reader has dropped it (no fresh pages per take); a buffer still read is never written.
+    last_take: Option<Tensor>,
     takers: VecDeque<TakeAttempt>,
     next_id: u64,
 }
@@ -114,6 +117,7 @@ impl ConditionalAccumulator {
             counter: 0,
             sum: Vec::new(),
             sum_shape: None,
+            last_take: None,
             takers: VecDeque::new(),
             next_id: 0,
         };
@@ -321,6 +325,7 @@ impl ConditionalAccumulator {
                 continue;
             }
             let r = self.reduce(st);
+            st.last_take = r.as_ref().ok().cloned();
             st.global_step += 1;
             st.counter = 0;
             st.sum.clear();
@@ -331,15 +336,30 @@ impl ConditionalAccumulator {
         out
     }
 
-    fn reduce(&self, st: &State) -> Result<Tensor> {
+    fn reduce(&self, st: &mut State) -> Result<Tensor> {
         let shape = st.sum_shape.unwrap_or_default();
         let div = match self.reduction {
             Reduction::Mean => st.counter.max(1) as f64,
             Reduction::Sum => 1.0,
         };
+        // Straight into the tensor's buffer: the last take's when nobody reads it any more, else a
+        // fresh one; no intermediate vector to allocate, fault in and copy.
+        let mut t = match st.last_take.take() {
+            Some(t) if !t.is_shared() && t.shape() == &shape => t,
+            _ => Tensor::try_zeros(self.dtype, shape)?,
+        };
+        if t.num_elements() != st.sum.len() {
+            return Err(Error::internal(format!(
+                "accumulator '{}' sums {} elements for shape {shape}",
+                self.name,
+                st.sum.len()
+            )));
+        }
         dispatch_float!(self.dtype, T => {
-            let v: Vec<T> = st.sum.iter().map(|s| T::from_f64(s / div)).collect();
-            Tensor::new(shape, &v)
+            for (o, s) in t.as_mut_slice::<T>()?.iter_mut().zip(&st.sum) {
+                *o = T::from_f64(s / div);
+            }
+            Ok(t)
         }, _ => Err(Error::internal(format!("accumulator '{}' has dtype {}", self.name, self.dtype))))
     }
 

@@ -341,3 +341,30 @@ fn a_take_waits_without_holding_a_pool_thread() {
     s.run(&[(grad, Tensor::scalar(7f32))], &[], &[apply], &timeout(5_000)).unwrap();
     assert_eq!(taker.join().unwrap().unwrap(), 7.0);
 }
+
+#[test]
+fn a_take_reuses_the_last_buffer_only_once_nobody_reads_it() {
+    let acc = Arc::new(
+        ConditionalAccumulator::new("a", DType::F32, PartialShape::unknown(), Reduction::Mean).unwrap(),
+    );
+    let grad = |v: f32, n: usize| Tensor::new([n], &vec![v; n]).unwrap();
+    let take = |step: i64, v: f32, n: usize| {
+        acc.apply_grad(step, &grad(v, n)).unwrap();
+        acc.take_grad(1, Duration::from_secs(5)).unwrap()
+    };
+    let first = take(0, 1.0, 64);
+    // The first take is still held: the second one must not write into it.
+    let second = take(1, 2.0, 64);
+    assert_eq!(first.to_vec::<f32>().unwrap(), vec![1.0; 64], "a held take is never overwritten");
+    assert_eq!(second.to_vec::<f32>().unwrap(), vec![2.0; 64]);
+    let at = second.as_bytes().unwrap().as_ptr() as usize;
+    drop(second);
+    // Released: the next take of that shape writes into the same buffer.
+    let third = take(2, 3.0, 64);
+    assert_eq!(third.to_vec::<f32>().unwrap(), vec![3.0; 64]);
+    assert_eq!(third.as_bytes().unwrap().as_ptr() as usize, at, "the released buffer is reused");
+    drop(third);
+    // Another shape gets its own buffer.
+    assert_eq!(take(3, 4.0, 32).to_vec::<f32>().unwrap(), vec![4.0; 32]);
+    assert_eq!(first.to_vec::<f32>().unwrap(), vec![1.0; 64]);
+}

@@ -154,7 +154,9 @@ fn worker(cluster: &str, task: u32, mode: &str, half: bool) -> Result<()> {
         device_filters: vec!["/job:ps".into(), format!("/job:worker/task:{task}")],
         ..session_options()
     };
-    let sess: Arc<dyn Session> = Arc::new(RemoteSession::connect(&srv.target(), &g, opts)?);
+    // The master of this task's own server, called in process as TensorFlow's
+    // `tf.Session(server.target)` does (its LocalMaster), not through a socket to itself.
+    let sess: Arc<dyn Session> = Arc::new(RemoteSession::in_process(&srv, &g, opts)?);
     let gs = m.global_step.ok_or_else(|| rill_graph::Error::internal("no global step"))?;
     let chief = task == 0;
     if chief {

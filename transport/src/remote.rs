@@ -1,9 +1,12 @@
-//! `RemoteSession`: a session whose master is a server of the cluster (`tcp://host:port`).
-//! A graph that runs in a `DirectSession` runs unchanged here.
+//! `RemoteSession`: a session whose master is a server of the cluster (`tcp://host:port`, or a
+//! `Server` of this process, called directly). A graph that runs in a `DirectSession` runs
+//! unchanged here.
 
 use crate::event_loop::{CallOptions, PeerHandle, Transport, TransportOptions};
 use crate::handshake::CLIENT_CLUSTER_ID;
+use crate::master::handle_master;
 use crate::proto::{decode, encode, pack, unpack, Req, Resp};
+use crate::server::{LocalMaster, Server};
 use rill_graph::{
     DeviceAttributes, Error, Graph, Output, Result, RunMetadata, RunOptions, Session, SessionOptions, Tensor,
     TraceLevel,
@@ -54,10 +57,24 @@ fn call(
     Ok((decode(&r.meta)?, r.body))
 }
 
-/// A client session on a cluster.
-pub struct RemoteSession {
+/// A client's connection to its master's server, with the transport that keeps it open.
+struct Connection {
     _transport: Transport,
     peer: PeerHandle,
+}
+
+/// How a client reaches its master.
+enum Channel {
+    /// A connection to the master's server (boxed: far larger than the other variant).
+    Tcp(Box<Connection>),
+    /// The master of a server in this process, called directly: no socket, no event-loop or
+    /// handler thread between the client and its steps (TensorFlow's `LocalMaster`).
+    InProcess(LocalMaster),
+}
+
+/// A client session on a cluster.
+pub struct RemoteSession {
+    channel: Channel,
     session: u64,
     sent_nodes: Mutex<usize>,
     opts: SessionOptions,
@@ -65,7 +82,10 @@ pub struct RemoteSession {
 
 impl std::fmt::Debug for RemoteSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RemoteSession({:x} at {})", self.session, self.peer.addr())
+        match &self.channel {
+            Channel::Tcp(c) => write!(f, "RemoteSession({:x} at {})", self.session, c.peer.addr()),
+            Channel::InProcess(_) => write!(f, "RemoteSession({:x} in process)", self.session),
+        }
     }
 }
 
@@ -91,7 +111,31 @@ impl RemoteSession {
                 Resp::Session { session } => session,
                 other => return Err(Error::internal(format!("CreateSession answered {other:?}"))),
             };
-        Ok(RemoteSession { _transport: transport, peer, session, sent_nodes: Mutex::new(n), opts })
+        let channel = Channel::Tcp(Box::new(Connection { _transport: transport, peer }));
+        Ok(RemoteSession { channel, session, sent_nodes: Mutex::new(n), opts })
+    }
+
+    /// A session whose master is `server`, from the same process: every call goes straight to
+    /// the master instead of through a socket to its own address, and fetched values come back
+    /// without being packed. Steps, placement and deadlines are those of `connect`.
+    pub fn in_process(server: &Server, graph: &Graph, opts: SessionOptions) -> Result<RemoteSession> {
+        graph.status()?;
+        let local = server.local_master();
+        let def = graph.to_graph_def();
+        let n = def.nodes.len();
+        let session = local.get()?.create_session(def, opts.clone())?;
+        Ok(RemoteSession { channel: Channel::InProcess(local), session, sent_nodes: Mutex::new(n), opts })
+    }
+
+    /// A master request: over the socket, or to the master in this process.
+    fn request(&self, req: Req, timeout: Duration) -> Result<Resp> {
+        match &self.channel {
+            Channel::Tcp(c) => Ok(call(&c.peer, &req, None, timeout)?.0),
+            Channel::InProcess(m) => match handle_master(m.get()?.as_ref(), req, None)? {
+                (resp, None) => Ok(resp),
+                (resp, Some(_)) => Err(Error::internal(format!("{resp:?} came with a body"))),
+            },
+        }
     }
 }
 
@@ -104,17 +148,31 @@ impl Session for RemoteSession {
         opts: &RunOptions,
         metadata: Option<&mut RunMetadata>,
     ) -> Result<Vec<Tensor>> {
-        let values: Vec<Tensor> = feeds.iter().map(|f| f.1.clone()).collect();
-        let packed = pack(&values)?;
         let timeout_ms =
             if opts.timeout_in_ms > 0 { opts.timeout_in_ms } else { self.opts.operation_timeout_in_ms };
+        let trace = opts.trace_level == TraceLevel::FullTrace;
+        let peer = match &self.channel {
+            Channel::Tcp(c) => &c.peer,
+            Channel::InProcess(m) => {
+                // The master enforces the step deadline on this thread.
+                let targets: Vec<_> = targets.iter().map(|t| t.node).collect();
+                let (out, stats) =
+                    m.get()?.run_step(self.session, feeds.to_vec(), fetches, &targets, timeout_ms, trace)?;
+                if let (Some(md), Some(st)) = (metadata, stats) {
+                    md.step_stats = st;
+                }
+                return Ok(out);
+            }
+        };
+        let values: Vec<Tensor> = feeds.iter().map(|f| f.1.clone()).collect();
+        let packed = pack(&values)?;
         let req = Req::RunStep {
             session: self.session,
             feeds: feeds.iter().map(|f| f.0).collect(),
             fetches: fetches.to_vec(),
             targets: targets.iter().map(|t| t.node).collect(),
             timeout_ms,
-            trace: opts.trace_level == TraceLevel::FullTrace,
+            trace,
             feed_values: packed.refs,
         };
         // The master enforces the step deadline; the client allows it time to report.
@@ -123,7 +181,7 @@ impl Session for RemoteSession {
         } else {
             Duration::from_millis(CLIENT_STEP_TIMEOUT_DEFAULT_MS)
         };
-        match call(&self.peer, &req, packed.body, wait)? {
+        match call(peer, &req, packed.body, wait)? {
             (Resp::Step { fetches, stats }, body) => {
                 if let (Some(md), Some(st)) = (metadata, stats) {
                     md.step_stats = st;
@@ -138,10 +196,8 @@ impl Session for RemoteSession {
         graph.status()?;
         let def = graph.to_graph_def();
         let n = def.nodes.len();
-        call(
-            &self.peer,
-            &Req::ExtendSession { session: self.session, graph: def },
-            None,
+        self.request(
+            Req::ExtendSession { session: self.session, graph: def },
             Duration::from_millis(CLIENT_CONTROL_TIMEOUT_MS),
         )?;
         *self.sent_nodes.lock().unwrap_or_else(|e| e.into_inner()) = n;
@@ -149,17 +205,15 @@ impl Session for RemoteSession {
     }
 
     fn list_devices(&self) -> Result<Vec<DeviceAttributes>> {
-        match call(&self.peer, &Req::ListDevices, None, Duration::from_millis(CLIENT_CONTROL_TIMEOUT_MS))?.0 {
+        match self.request(Req::ListDevices, Duration::from_millis(CLIENT_CONTROL_TIMEOUT_MS))? {
             Resp::Devices(d) => Ok(d),
             other => Err(Error::internal(format!("ListDevices answered {other:?}"))),
         }
     }
 
     fn close(&self) -> Result<()> {
-        call(
-            &self.peer,
-            &Req::CloseSession { session: self.session },
-            None,
+        self.request(
+            Req::CloseSession { session: self.session },
             Duration::from_millis(CLIENT_CONTROL_TIMEOUT_MS),
         )
         .map(|_| ())

@@ -142,6 +142,18 @@ impl StepThreads {
     }
 }
 
+/// The master of a server in this process, as long as the server serves: a stopped server
+/// answers `Unavailable`, as its closed socket would.
+#[derive(Clone)]
+pub(crate) struct LocalMaster(Arc<Mutex<Option<Arc<Services>>>>);
+
+impl LocalMaster {
+    pub(crate) fn get(&self) -> Result<Arc<Master>> {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.as_ref().map(|s| s.master.clone()).ok_or_else(|| Error::unavailable("server is not serving"))
+    }
+}
+
 /// A running task: `target()` is what clients connect to; `join()` blocks like `server.join()`.
 pub struct Server {
     def: ServerDef,
@@ -215,6 +227,11 @@ impl Server {
         });
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(services.clone());
         Ok(Server { def, transport, services, slot, stopped: Arc::new((Mutex::new(false), Condvar::new())) })
+    }
+
+    /// This server's master for a client in the same process (`RemoteSession::in_process`).
+    pub(crate) fn local_master(&self) -> LocalMaster {
+        LocalMaster(self.slot.clone())
     }
 
     /// `tcp://host:port` of this task.

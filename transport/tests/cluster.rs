@@ -1,6 +1,7 @@
 //! Clusters in one test process: servers for a ps and a worker task on 127.0.0.1, remote
-//! sessions, ops pinned across tasks, state shared between sessions, reset, large tensors,
-//! a shared queue between clients, deadlines against a stopped peer and a restarted peer.
+//! sessions (over a socket and in process), ops pinned across tasks, state shared between
+//! sessions, reset, large tensors, a shared queue between clients, deadlines against a stopped
+//! peer and a restarted peer.
 
 use rill_graph::*;
 use rill_queues::{dequeue, enqueue, fifo_queue, QueueOptions};
@@ -207,4 +208,36 @@ fn tensors_between_tasks_on_one_host_use_shared_memory_and_tcp_gives_the_same_re
             assert!(socket >= 2 * 4 * N as u64, "the tensors crossed the socket: {socket} bytes");
         }
     }
+}
+
+#[test]
+fn an_in_process_session_runs_like_a_connected_one_until_its_server_stops() {
+    let c = cluster();
+    let (_ps, worker) = (start(&c, "ps", 0), start(&c, "worker", 0));
+    let g = Graph::new();
+    let (w, x, y, init) = model(&g);
+    let local = RemoteSession::in_process(&worker, &g, SessionOptions::default()).unwrap();
+    local.run(&[], &[], &[init], &ro()).unwrap();
+    let feed = [(x, Tensor::vector(&[1f32, 1., 1.]))];
+    assert_eq!(local.run(&feed, &[y], &[], &ro()).unwrap()[0].to_vec::<f32>().unwrap(), vec![4.0, 6.0, 8.0]);
+    // The same master state as a client over the socket, and the same devices.
+    let remote = RemoteSession::connect(&worker.target(), &g, SessionOptions::default()).unwrap();
+    let bump = g.assign_add(w, g.constant(Tensor::vector(&[10f32, 10., 10.])));
+    local.extend(&g).unwrap();
+    local.run(&[], &[], &[bump], &ro()).unwrap();
+    let seen = remote.run(&[], &[w], &[], &ro()).unwrap();
+    assert_eq!(seen[0].to_vec::<f32>().unwrap(), vec![11.0, 12.0, 13.0]);
+    let names = |s: &RemoteSession| {
+        let mut d: Vec<String> = s.list_devices().unwrap().iter().map(|d| d.name.to_string()).collect();
+        d.sort();
+        d
+    };
+    assert_eq!(names(&local), names(&remote));
+    // A missing feed is the master's error, as over the socket.
+    let e = local.run(&[], &[y], &[], &ro()).unwrap_err();
+    assert_eq!(e.code, remote.run(&[], &[y], &[], &ro()).unwrap_err().code, "{e}");
+    drop(remote);
+    worker.stop();
+    let e = local.run(&feed, &[y], &[], &ro()).unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
 }
