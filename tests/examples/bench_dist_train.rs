@@ -29,19 +29,6 @@ const CHUNKS: usize = 5;
 /// The longest a helper process lives, whatever happens to this one.
 const HELPER_LIFETIME_S: u64 = 240;
 
-/// Deterministic pseudo-random values: a 64-bit LCG, then Box-Muller for normals.
-struct Lcg(u64);
-impl Lcg {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
 fn now_s() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -61,7 +48,7 @@ struct Model {
 
 /// The peer's MLP; `half` reads the parameters through f16 and sends the gradients as f16.
 fn build(g: &Graph, mode: &str, half: bool) -> Result<Model> {
-    let mut rng = Lcg(0);
+    let mut rng = rill_tests::Lcg(0);
     let xs: Vec<f32> = (0..BATCH * 784).map(|_| rng.normal()).collect();
     let ys: Vec<i64> = (0..BATCH).map(|_| (rng.uniform() * 10.0) as i64 % 10).collect();
     let global_step = if mode == "local" { None } else { Some(create_global_step(g)?) };

@@ -8,19 +8,6 @@ use std::time::Instant;
 
 const BATCH: usize = 128;
 
-/// Deterministic pseudo-random values: a 64-bit LCG, then Box-Muller for normals.
-struct Lcg(u64);
-impl Lcg {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-}
-
 fn dense(g: &Graph, x: Output, n_in: usize, n_out: usize, name: &str, act: bool, seed: i64) -> Output {
     // Glorot uniform, as the peer's glorot_uniform_initializer.
     let limit = (6.0 / (n_in + n_out) as f32).sqrt();
@@ -36,7 +23,7 @@ fn dense(g: &Graph, x: Output, n_in: usize, n_out: usize, name: &str, act: bool,
 
 fn main() -> rill_graph::Result<()> {
     let seconds: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10.0);
-    let mut rng = Lcg(0);
+    let mut rng = rill_tests::Lcg(0);
     let xs: Vec<f32> = (0..BATCH * 784).map(|_| rng.normal()).collect();
     let ys: Vec<i64> = (0..BATCH).map(|_| (rng.uniform() * 10.0) as i64 % 10).collect();
     let g = Graph::new();

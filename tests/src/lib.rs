@@ -46,3 +46,16 @@ pub fn spread(xs: &[f64]) -> String {
 pub fn line(name: &str, value: f64, unit: &str, extra: &str) {
     println!("RESULT {name} = {value:.3} {unit} {extra}");
 }
+
+/// Deterministic pseudo-random values: a 64-bit LCG, then Box-Muller for normals.
+pub struct Lcg(pub u64);
+impl Lcg {
+    pub fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+}
