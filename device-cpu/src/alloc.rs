@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// Buffers smaller than this are plain zeroed allocations: the system allocator serves them from
-/// memory it already holds, and caching them would only fragment the pool.
-pub const POOL_MIN_BYTES: usize = 1 << 20;
+/// memory it already holds. From here on, zero-filling a fresh buffer every step (a 128×256 f32
+/// activation is 128 KiB) costs more than handing out a cached one.
+pub const POOL_MIN_BYTES: usize = 64 << 10;
 /// Most bytes the pool keeps idle (1 GiB): enough for the large activations and gradients of a
 /// training step on one CPU, small enough that an idle session does not pin much memory.
 pub const POOL_MAX_BYTES: usize = 1 << 30;

@@ -89,30 +89,45 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
         let rows = MR.min(i0 + mc - r0);
         if a.trans {
             // Stored k×m: the sliver's rows are adjacent in each stored row.
+            if rows == MR {
+                for (p, dst) in sliver.chunks_exact_mut(MR).enumerate() {
+                    let src: &[f32; MR] = a.data[(p0 + p) * a.ld + r0..][..MR].try_into().expect("MR floats");
+                    let dst: &mut [f32; MR] = dst.try_into().expect("MR floats");
+                    *dst = *src;
+                }
+                continue;
+            }
             for (p, dst) in sliver.chunks_exact_mut(MR).enumerate() {
                 let src = &a.data[(p0 + p) * a.ld + r0..][..rows];
                 dst[..rows].copy_from_slice(src);
                 dst[rows..].fill(0.0);
             }
         } else {
-            for r in 0..MR {
-                let src = (r < rows).then(|| &a.data[(r0 + r) * a.ld + p0..][..kc]);
-                fill_lane(sliver, r, MR, src);
-            }
+            let srcs: [&[f32]; MR] = std::array::from_fn(|r| {
+                if r < rows {
+                    &a.data[(r0 + r) * a.ld + p0..][..kc]
+                } else {
+                    &ZEROS[..kc]
+                }
+            });
+            interleave(sliver, &srcs);
         }
     }
 }
 
-/// Writes `src` (zeros when `None`: padding past the matrix edge) into every `stride`-th element
-/// of `sliver` from `lane` on: one row of an A sliver or one column of a B sliver.
-fn fill_lane(sliver: &mut [f32], lane: usize, stride: usize, src: Option<&[f32]>) {
-    match src {
-        Some(src) => {
-            for (d, &v) in sliver.iter_mut().skip(lane).step_by(stride).zip(src) {
-                *d = v;
-            }
+/// Zeros standing in for the rows (or columns) past a matrix edge in a packed sliver.
+static ZEROS: [f32; KC] = [0.0; KC];
+
+/// Interleaves `W` equally long runs into `sliver`: `sliver[p * W + i] = srcs[i][p]`, one row of
+/// an A sliver or one column of a B sliver per run.
+#[inline(always)]
+fn interleave<const W: usize>(sliver: &mut [f32], srcs: &[&[f32]; W]) {
+    let kc = sliver.len() / W;
+    let srcs: [&[f32]; W] = std::array::from_fn(|i| &srcs[i][..kc]);
+    for (p, d) in sliver.chunks_exact_mut(W).enumerate() {
+        for (d, s) in d.iter_mut().zip(&srcs) {
+            *d = s[p];
         }
-        None => sliver.iter_mut().skip(lane).step_by(stride).for_each(|d| *d = 0.0),
     }
 }
 
@@ -123,11 +138,24 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
         let cols = NR.min(j0 + nc - c0);
         if b.trans {
             // Stored n×k: each column of the sliver is a contiguous run of a stored row.
-            for c in 0..NR {
-                let src = (c < cols).then(|| &b.data[(c0 + c) * b.ld + p0..][..kc]);
-                fill_lane(sliver, c, NR, src);
-            }
+            let srcs: [&[f32]; NR] = std::array::from_fn(|c| {
+                if c < cols {
+                    &b.data[(c0 + c) * b.ld + p0..][..kc]
+                } else {
+                    &ZEROS[..kc]
+                }
+            });
+            interleave(sliver, &srcs);
         } else {
+            if cols == NR {
+                // Whole slivers copy as fixed-size arrays: two vector moves, not a memcpy call.
+                for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
+                    let src: &[f32; NR] = b.data[(p0 + p) * b.ld + c0..][..NR].try_into().expect("NR floats");
+                    let dst: &mut [f32; NR] = dst.try_into().expect("NR floats");
+                    *dst = *src;
+                }
+                continue;
+            }
             for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
                 let src = &b.data[(p0 + p) * b.ld + c0..][..cols];
                 dst[..cols].copy_from_slice(src);
@@ -319,14 +347,23 @@ fn run_block(
     block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate)
 }
 
-/// One band of rows of C (`rows` = C's rows `i0..`, full width `ldc`) against packed op(B) for
-/// columns `j0..j0+nc` (`ncp` of them after padding), over the whole depth `k`: depth blocks
-/// outermost, then blocks of at most `MC` rows.
+/// Where a band finds op(B) packed.
+#[derive(Clone, Copy)]
+enum PackedB<'a> {
+    /// Packed once for all bands: all depth blocks of the column group, one after another.
+    Shared(&'a [f32]),
+    /// Packed by the band itself, one depth block at a time, into its thread's own buffer.
+    Own(&'a Operand<'a, f32>),
+}
+
+/// One band of rows of C (`rows` = C's rows `i0..`, full width `ldc`) against op(B) for columns
+/// `j0..j0+nc` (`ncp` of them after padding), over the whole depth `k`: depth blocks outermost,
+/// then blocks of at most `MC` rows.
 #[allow(clippy::too_many_arguments)]
 fn row_band(
     simd: bool,
     a: &Operand<'_, f32>,
-    pb: &[f32],
+    b: PackedB<'_>,
     k: usize,
     i0: usize,
     rows: &mut [f32],
@@ -337,17 +374,27 @@ fn row_band(
 ) {
     let band = rows.len() / ldc;
     let ncp = nc.div_ceil(NR) * NR;
-    with_buffer(&PACKED_A, MC.min(band.div_ceil(MR) * MR) * KC.min(k), |pa| {
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            let pb = &pb[p0 * ncp..(p0 + kc) * ncp];
-            for (blk, block) in rows.chunks_mut(MC * ldc).enumerate() {
-                let mc = block.len() / ldc;
-                let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
-                pack_a(a, i0 + blk * MC, mc, p0, kc, pa);
-                run_block(simd, pa, pb, kc, block, ldc, j0, nc, accumulate || p0 > 0);
+    let own_len = if matches!(b, PackedB::Own(_)) { KC.min(k) * ncp } else { 0 };
+    with_buffer(&PACKED_B, own_len, |own| {
+        with_buffer(&PACKED_A, MC.min(band.div_ceil(MR) * MR) * KC.min(k), |pa| {
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                let pb = match b {
+                    PackedB::Shared(pb) => &pb[p0 * ncp..(p0 + kc) * ncp],
+                    PackedB::Own(b) => {
+                        let own = &mut own[..kc * ncp];
+                        pack_b(b, p0, kc, j0, nc, own);
+                        &*own
+                    }
+                };
+                for (blk, block) in rows.chunks_mut(MC * ldc).enumerate() {
+                    let mc = block.len() / ldc;
+                    let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
+                    pack_a(a, i0 + blk * MC, mc, p0, kc, pa);
+                    run_block(simd, pa, pb, kc, block, ldc, j0, nc, accumulate || p0 > 0);
+                }
             }
-        }
+        })
     });
 }
 
@@ -408,6 +455,21 @@ fn gemm_f32_on(
     let threads = pool.num_threads().max(1);
     // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
     let group = (PACKED_B_MAX / k / NR).max(1) * NR;
+    let tiles = m.div_ceil(MR);
+    if threads > 1 && !b.trans && tiles <= threads * (MC / MR) {
+        // Few rows (at most one A block per thread): each thread packs op(B) itself, block by
+        // block, right before using it. Packing B once for all threads costs a second hand-off
+        // and moves every packed line from the core that wrote it to the one that reads it,
+        // which for so few rows costs more than packing twice. (A transposed B packs slowly
+        // enough that sharing the work still wins.)
+        let items = bands(c, m, n, threads.min(tiles));
+        parallel_items(pool, items, |_, (i0, rows)| {
+            for j0 in (0..n).step_by(group) {
+                row_band(simd, &a, PackedB::Own(&b), k, i0, &mut *rows, n, j0, group.min(n - j0), accumulate);
+            }
+        });
+        return;
+    }
     for j0 in (0..n).step_by(group) {
         let nc = group.min(n - j0);
         let ncp = nc.div_ceil(NR) * NR;
@@ -432,25 +494,32 @@ fn gemm_f32_on(
             // Bands of whole micro-tiles, each at most `BAND_BLOCKS` A blocks, their number a
             // multiple of the threads and the tiles spread evenly so every thread gets the same
             // share.
-            let tiles = m.div_ceil(MR);
             let per_band = BAND_BLOCKS * MC / MR;
             let nbands = tiles.div_ceil(per_band).div_ceil(threads).saturating_mul(threads).min(tiles);
-            let mut items = Vec::with_capacity(nbands);
-            let mut rest = &mut *c;
-            let mut i0 = 0;
-            for band in 0..nbands {
-                let i1 = ((band + 1) * tiles / nbands * MR).min(m);
-                let (rows, tail) = rest.split_at_mut((i1 - i0) * n);
-                rest = tail;
-                items.push((i0, rows));
-                i0 = i1;
-            }
+            let items = bands(&mut *c, m, n, nbands);
             let pb = &*pb;
             parallel_items(pool, items, |_, (i0, rows)| {
-                row_band(simd, &a, pb, k, i0, rows, n, j0, nc, accumulate);
+                row_band(simd, &a, PackedB::Shared(pb), k, i0, rows, n, j0, nc, accumulate);
             });
         });
     }
+}
+
+/// C (`m` rows of `n`) split into `nbands` bands of whole micro-tiles, the tiles spread evenly,
+/// each with the index of its first row.
+fn bands(c: &mut [f32], m: usize, n: usize, nbands: usize) -> Vec<(usize, &mut [f32])> {
+    let tiles = m.div_ceil(MR);
+    let mut items = Vec::with_capacity(nbands);
+    let mut rest = c;
+    let mut i0 = 0;
+    for band in 0..nbands {
+        let i1 = ((band + 1) * tiles / nbands * MR).min(m);
+        let (rows, tail) = rest.split_at_mut((i1 - i0) * n);
+        rest = tail;
+        items.push((i0, rows));
+        i0 = i1;
+    }
+    items
 }
 
 /// `C (m×n) += op(A) × op(B)` on the calling thread, for kernels that split their work over the
@@ -631,26 +700,37 @@ mod tests {
             seed ^= seed << 5;
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
-        let shapes = [(1, 1, 1), (7, 17, 15), (13, 257, 33), (145, 40, 17), (600, 31, 20), (1200, 9, 3)];
+        // Serial sizes first; then products large enough for the pool: few rows (each thread
+        // packs B itself) and many rows (B packed once, shared), each with every transpose.
+        let serial = [(1, 1, 1), (7, 17, 15), (13, 257, 33), (145, 40, 17), (600, 31, 20), (1200, 9, 3)];
+        let mut shapes: Vec<(usize, usize, usize, bool, bool)> =
+            serial.iter().enumerate().map(|(s, &(m, k, n))| (m, k, n, s % 2 == 1, s % 4 >= 2)).collect();
+        for (m, k, n) in [(131, 300, 37), (500, 70, 40), (20, 600, 129)] {
+            for t in 0..4 {
+                shapes.push((m, k, n, t % 2 == 1, t >= 2));
+            }
+        }
         let paths = [false, has_avx2_fma()];
-        for (s, &(m, k, n)) in shapes.iter().enumerate() {
+        let threads = crate::pool::ThreadPool::new("gemm-test", 3);
+        let pools: [&dyn IntraOpPool; 2] = [&InlinePool, &threads];
+        for &(m, k, n, ta, tb) in &shapes {
             let av: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let c0: Vec<f32> = (0..m * n).map(|_| next()).collect();
-            let (ta, tb) = (s % 2 == 1, s % 4 >= 2);
             let a = Operand::new(&av, if ta { m } else { k }, ta);
             let b = Operand::new(&bv, if tb { k } else { n }, tb);
             for acc in [false, true] {
                 let mut want = c0.clone();
                 reference(&a, &b, k, &mut want, n, acc);
-                for &simd in &paths {
+                for (&simd, pool) in paths.iter().flat_map(|p| pools.iter().map(move |q| (p, *q))) {
                     let mut got = c0.clone();
-                    gemm_f32_on(simd, &InlinePool, a, b, k, &mut got, n, acc);
+                    gemm_f32_on(simd, pool, a, b, k, &mut got, n, acc);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         let tol = 1e-5 * (k as f32).sqrt() * 4.0 + 1e-6;
                         assert!(
                             (g - w).abs() <= tol,
-                            "{m}x{k}x{n} ta={ta} tb={tb} acc={acc} simd={simd} at {i}: {g} vs {w}"
+                            "{m}x{k}x{n} ta={ta} tb={tb} acc={acc} simd={simd} threads={} at {i}: {g} vs {w}",
+                            pool.num_threads()
                         );
                     }
                 }

@@ -88,14 +88,11 @@ pub fn create_activation_grad(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(ActivationGradK { grad }, init))
 }
 
-fn activation_grad<T: FloatNum>(
-    pool: &dyn IntraOpPool,
-    grad: ActGrad,
-    a: &Tensor,
-    b: &Tensor,
-) -> Result<Tensor> {
+fn activation_grad<T: FloatNum>(dev: &dyn Device, grad: ActGrad, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let s = *a.shape();
-    let mut out = Tensor::try_zeros(T::DTYPE, s)?;
+    let pool = dev.intra_op();
+    // Every element is written below, so the buffer may be recycled.
+    let mut out = dev.allocate(T::DTYPE, s)?;
     let (x, y, o) = (a.as_slice::<T>()?, b.as_slice::<T>()?, out.as_mut_slice::<T>()?);
     let (zero, one, half) = (T::A::ZERO, T::A::ONE, T::A::from_f64(0.5));
     macro_rules! run {
@@ -127,8 +124,8 @@ impl OpKernel for ActivationGradK {
                 b.shape()
             )));
         }
-        let pool = ctx.intra_op();
-        let out = dispatch_float!(a.dtype(), T => activation_grad::<T>(pool, self.grad, a, b)?,
+        let dev = &**ctx.device();
+        let out = dispatch_float!(a.dtype(), T => activation_grad::<T>(dev, self.grad, a, b)?,
             _ => return Err(unsupported(&ctx.node.op, a.dtype())));
         ctx.set_output(0, out);
         Ok(())
@@ -163,16 +160,17 @@ pub fn create_bias_add(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(BiasAddK { nchw: data_format_nchw(init)? }, init))
 }
 
-fn bias_add<T: Num>(pool: &dyn IntraOpPool, x: &Tensor, b: &Tensor, axis: usize) -> Result<Tensor> {
+fn bias_add<T: Num>(dev: &dyn Device, x: &Tensor, b: &Tensor, axis: usize) -> Result<Tensor> {
     let s = x.shape();
     let c = s.dim(axis);
-    let mut out = Tensor::try_zeros(T::DTYPE, *s)?;
+    // Every element is written below, so the buffer may be recycled.
+    let mut out = dev.allocate(T::DTYPE, *s)?;
     let (xs, bs) = (x.as_slice::<T>()?, b.as_slice::<T>()?);
     // Bias broadcast as shape [c, 1...]: the general broadcast loop handles both layouts.
     let mut bias_dims = vec![1usize; s.rank() - axis];
     bias_dims[0] = c;
     let bias_shape = Shape::new(&bias_dims)?;
-    broadcast_into(pool, xs, s, bs, &bias_shape, out.as_mut_slice::<T>()?, s, |p: T, q: T| {
+    broadcast_into(dev.intra_op(), xs, s, bs, &bias_shape, out.as_mut_slice::<T>()?, s, |p: T, q: T| {
         T::store(p.load().add(q.load()))
     });
     Ok(out)
@@ -190,8 +188,8 @@ impl OpKernel for BiasAddK {
                 x.shape()
             )));
         }
-        let pool = ctx.intra_op();
-        let out = dispatch_numeric!(x.dtype(), T => bias_add::<T>(pool, x, b, axis)?,
+        let dev = &**ctx.device();
+        let out = dispatch_numeric!(x.dtype(), T => bias_add::<T>(dev, x, b, axis)?,
             _ => return Err(unsupported("BiasAdd", x.dtype())));
         ctx.set_output(0, out);
         Ok(())
