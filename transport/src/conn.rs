@@ -60,6 +60,8 @@ pub struct Conn {
     pub closing: Option<Error>,
     /// The body of the request being received was refused (too large); answer with this error.
     pub refused_request: Option<Error>,
+    /// The socket's receive low-water mark as last set (1 unless a large body is arriving).
+    pub rcvlowat: usize,
     limits: FrameLimits,
 }
 
@@ -75,6 +77,7 @@ impl Conn {
             write_interest: false,
             closing: None,
             refused_request: None,
+            rcvlowat: 1,
             limits,
         })
     }

@@ -54,6 +54,10 @@ const DEADLINE_GRACE_MS: u64 = 1_000;
 const READ_BUFFER_SIZE: usize = 256 << 10;
 /// Bytes read from one socket per readiness event before serving others (then it is revisited).
 const READ_BUDGET_SIZE: usize = 64 << 20;
+/// Bodies from this size on are read with a raised receive low-water mark.
+const BODY_RCVLOWAT_FROM: usize = 1 << 20;
+/// The receive low-water mark while such a body arrives.
+const BODY_RCVLOWAT: usize = 1 << 20;
 /// Readiness events taken per poll.
 const EVENTS_LEN_MAX: usize = 1024;
 /// Timer heap size past which entries for finished calls are pruned.
@@ -919,6 +923,11 @@ impl Loop {
         let mut budget = READ_BUDGET_SIZE;
         while budget > 0 && conn.closing.is_none() {
             if let Some(spare) = conn.decoder.body_spare_mut() {
+                let want = body_rcvlowat(conn.rcvlowat, spare.len());
+                if want != conn.rcvlowat {
+                    set_rcvlowat(&conn.stream, want, &conn.addr)?;
+                    conn.rcvlowat = want;
+                }
                 let n = match read_some(&mut conn.stream, spare, &conn.addr)? {
                     Some(n) => n,
                     None => return Ok(false),
@@ -926,6 +935,10 @@ impl Loop {
                 self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 budget = budget.saturating_sub(n);
                 if let Some(frame) = conn.decoder.advance_body(n) {
+                    if conn.rcvlowat != 1 {
+                        set_rcvlowat(&conn.stream, 1, &conn.addr)?;
+                        conn.rcvlowat = 1;
+                    }
                     self.on_frame(token, conn, frame)?;
                 }
                 continue;
@@ -1195,5 +1208,75 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8], addr: &SocketAddr) -> Resul
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => Err(Error::unavailable(format!("reading from {addr}: {e}"))),
         };
+    }
+}
+
+/// The receive low-water mark while `spare` bytes of a body are still owed: from
+/// `BODY_RCVLOWAT_FROM` on, the socket wakes the loop only once `BODY_RCVLOWAT` bytes (or the
+/// rest of the body) have arrived, so a large tensor is read in a few large reads instead of
+/// hundreds of wake-ups for 64 KiB each. Never more than the body still owes, or the last bytes
+/// would not wake anyone (end of stream and errors wake the loop whatever the mark).
+fn body_rcvlowat(current: usize, spare: usize) -> usize {
+    if current > 1 {
+        current.min(spare).max(1)
+    } else if spare >= BODY_RCVLOWAT_FROM {
+        spare.min(BODY_RCVLOWAT)
+    } else {
+        1
+    }
+}
+
+/// Sets `SO_RCVLOWAT`. A failure is an error of the connection: a mark left above what the body
+/// still owes would stall it.
+#[allow(unsafe_code)]
+fn set_rcvlowat(s: &TcpStream, v: usize, addr: &SocketAddr) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = nix::libc::c_int::try_from(v).unwrap_or(nix::libc::c_int::MAX);
+    // SAFETY: a socket this connection owns and a `c_int` option value of the size passed.
+    let r = unsafe {
+        nix::libc::setsockopt(
+            s.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&v as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::unavailable(format!("{addr}: setting the receive low-water mark: {e}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{body_rcvlowat, BODY_RCVLOWAT, BODY_RCVLOWAT_FROM};
+
+    #[test]
+    fn the_low_water_mark_never_waits_for_more_than_the_body_owes() {
+        // (current mark, bytes the body still owes) -> mark
+        let table = [
+            (1, 0, 1),
+            (1, 4096, 1),
+            (1, BODY_RCVLOWAT_FROM - 1, 1),
+            (1, BODY_RCVLOWAT_FROM, BODY_RCVLOWAT_FROM.min(BODY_RCVLOWAT)),
+            (1, 64 << 20, BODY_RCVLOWAT),
+            (BODY_RCVLOWAT, 64 << 20, BODY_RCVLOWAT),
+            (BODY_RCVLOWAT, 1000, 1000),
+            (1000, 10, 10),
+            (10, 0, 1),
+        ];
+        for (current, spare, want) in table {
+            assert_eq!(body_rcvlowat(current, spare), want, "mark {current}, {spare} bytes owed");
+        }
+        // Walk a body down as reads of odd sizes arrive: the mark never exceeds what is owed.
+        let mut mark = 1;
+        let mut owed = (3 << 20) + 12345;
+        while owed > 0 {
+            mark = body_rcvlowat(mark, owed);
+            assert!(mark <= owed.max(1));
+            owed -= owed.min(700_001);
+        }
     }
 }
