@@ -12,7 +12,8 @@ struct Program {
     package: &'static str,
     example: &'static str,
     args: &'static [&'static str],
-    peer: Option<(&'static str, &'static [&'static str])>,
+    /// Peer scripts measuring the same workloads (and, for some, the machine's own limits).
+    peers: &'static [(&'static str, &'static [&'static str])],
 }
 
 const PROGRAMS: &[Program] = &[
@@ -21,49 +22,49 @@ const PROGRAMS: &[Program] = &[
         package: "rill-tests",
         example: "bench_executor",
         args: &[],
-        peer: Some(("bench_executor.py", &["1000"])),
+        peers: &[("bench_executor.py", &["1000"])],
     },
     Program {
         name: "dense",
         package: "rill-tests",
         example: "bench_dense",
         args: &[],
-        peer: Some(("bench_dense.py", &["2"])),
+        peers: &[("bench_dense.py", &["2"]), ("bench_physical.py", &["gemm"])],
     },
     Program {
         name: "mlp",
         package: "rill-tests",
         example: "bench_mlp",
         args: &["10"],
-        peer: Some(("train_worker.py", &["local", "10", "const"])),
+        peers: &[("train_worker.py", &["local", "10", "const"])],
     },
     Program {
         name: "queues",
         package: "rill-queues",
         example: "bench_queues",
         args: &[],
-        peer: Some(("bench_queues.py", &[])),
+        peers: &[("bench_queues.py", &[])],
     },
     Program {
         name: "transfer",
         package: "rill-tests",
         example: "bench_transfer",
         args: &[],
-        peer: Some(("bench_dist_transfer.py", &["remote"])),
+        peers: &[("bench_dist_transfer.py", &["remote"]), ("bench_physical.py", &["tcp"])],
     },
     Program {
         name: "dist_train",
         package: "rill-tests",
         example: "bench_dist_train",
         args: &["10", "async", "sync", "local", "half"],
-        peer: Some(("bench_dist_train.py", &["10", "const", "async", "sync"])),
+        peers: &[("bench_dist_train.py", &["10", "const", "async", "sync"])],
     },
     Program {
         name: "cnn",
         package: "rill-tests",
         example: "bench_cnn",
         args: &[],
-        peer: Some(("tests/peer/bench_cnn.py", &["2"])),
+        peers: &[("tests/peer/bench_cnn.py", &["2"])],
     },
 ];
 
@@ -81,6 +82,7 @@ const PAIRS: &[(&str, &str, bool)] = &[
     ("c.tiny_add_fetch_run[inter_op=2]", "c.tiny_add_fetch_run[grappler=off,inter_op=2]", true),
     ("matmul_f32_1024[intra=2]", "matmul_f32_1024[intra=2]", true),
     ("matmul_f32_2048[intra=2]", "matmul_f32_2048[intra=2]", true),
+    ("matmul_f32_2048[intra=2]", "numpy_sgemm_2048", true),
     ("add_f32_16M[intra=2]", "add_f32_16M[intra=2]", true),
     ("local_single_session_steps[const]", "local_single_session_steps[const]", true),
     ("cnn_train_step[batch=64]", "cnn_train_step[batch=64]", true),
@@ -95,6 +97,7 @@ const PAIRS: &[(&str, &str, bool)] = &[
     ("pull_ps_to_worker_16MB[remote]", "pull_ps_to_worker_16MB[remote]", true),
     ("pull_ps_to_worker_64MB[remote]", "pull_ps_to_worker_64MB[remote]", true),
     ("pull_ps_to_worker_64MB[remote,shm=off]", "pull_ps_to_worker_64MB[remote]", true),
+    ("pull_ps_to_worker_64MB[remote,shm=off]", "python_socket_loopback_tcp", true),
     ("fetch_ps_var_to_client_64MB[remote]", "fetch_ps_var_to_client_64MB[remote]", true),
     ("fifo_int64_enq+deq_same_run", "fifo_int64_enq+deq_same_run", true),
     ("fifo_int64_enq_run_then_deq_run", "fifo_int64_enq_run_then_deq_run", true),
@@ -117,6 +120,18 @@ const PAIRS: &[(&str, &str, bool)] = &[
 ];
 
 /// Parses `RESULT name = value unit ...` lines (values may carry thousands separators).
+/// What a peer line measures: TensorFlow, or the machine's limits through NumPy/OpenBLAS or a
+/// plain Python socket (`bench_physical.py`).
+fn peer_label(name: &str) -> &'static str {
+    if name.starts_with("numpy_") {
+        "NumPy/OpenBLAS"
+    } else if name.starts_with("python_socket") {
+        "a plain Python socket, 4 MiB writes"
+    } else {
+        "TensorFlow"
+    }
+}
+
 pub fn parse_results(text: &str) -> BTreeMap<String, (f64, String)> {
     let mut out = BTreeMap::new();
     for l in text.lines() {
@@ -185,14 +200,15 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
         let mut c = cargo();
         c.args(["run", "--quiet", "--release", "-p", p.package, "--example", p.example, "--"]).args(p.args);
         ours.extend(parse_results(&run_capture(c, p.name)?));
-        if let (Some(dir), Some((script, sargs))) = (&peer_dir, p.peer) {
+        for (script, sargs) in p.peers.iter().filter(|_| peer_dir.is_some()) {
+            let dir = peer_dir.as_deref().unwrap_or(root);
             match &py {
                 Some(py) => {
                     // Peer scripts of this repository (no peer script upstream) are named from
                     // the workspace root; the others live in the peer folder.
                     let own = root.join(script);
                     let mut c = Command::new(py);
-                    c.current_dir(dir).arg(if own.exists() { own } else { dir.join(script) }).args(sargs);
+                    c.current_dir(dir).arg(if own.exists() { own } else { dir.join(script) }).args(*sargs);
                     // The peer scripts need the real OpenBLAS kernel selection, as their README says.
                     c.env_remove("OPENBLAS_CORETYPE").env_remove("OPENBLAS_L2_SIZE");
                     theirs.extend(parse_results(&run_capture(c, &format!("peer {script}"))?));
@@ -205,12 +221,15 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
         }
     }
     if !theirs.is_empty() {
-        println!("\n{:<45} {:>14} {:>14} {:>10}  unit", "workload", "rill", "TensorFlow", "rill/TF");
+        println!("\n{:<45} {:>14} {:>14} {:>10}  unit", "workload", "rill", "peer", "rill/peer");
         for (ours_name, their_name, higher_better) in PAIRS {
             if let (Some((a, unit)), Some((b, _))) = (ours.get(*ours_name), theirs.get(*their_name)) {
                 let ratio = a / b;
                 let note = if *higher_better { "higher is better" } else { "lower is better" };
-                println!("{ours_name:<45} {a:>14.3} {b:>14.3} {ratio:>10.3}  {unit} ({note})");
+                println!(
+                    "{ours_name:<45} {a:>14.3} {b:>14.3} {ratio:>10.3}  {unit} ({note}; vs {})",
+                    peer_label(their_name)
+                );
             }
         }
     }
