@@ -86,6 +86,16 @@ impl BufferPool {
     /// A tensor for a kernel to overwrite: recycled bytes (contents unspecified) for large
     /// fixed-size dtypes, zeros otherwise.
     pub fn allocate(self: &Arc<Self>, dtype: DType, shape: Shape) -> Result<Tensor> {
+        let mut t = self.allocate_unspecified(dtype, shape)?;
+        // Debug builds hand out all-ones bytes (NaN for floats, -1 for integers), so a kernel
+        // that leaves part of its output unwritten fails its tests instead of reading zeros.
+        if cfg!(debug_assertions) && dtype.size().is_some() {
+            t.as_bytes_mut()?.fill(0xFF);
+        }
+        Ok(t)
+    }
+
+    fn allocate_unspecified(self: &Arc<Self>, dtype: DType, shape: Shape) -> Result<Tensor> {
         let Some(size) = dtype.size() else {
             return Tensor::try_zeros(dtype, shape);
         };

@@ -4,7 +4,7 @@
 
 use super::matmul::{gemm_serial, widen, Operand};
 use super::{int_vector, unsupported, Arith, Num};
-use rill_graph::device::{chunk_len, parallel_chunks_mut};
+use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
 use rill_graph::half::{bf16, f16};
 use rill_graph::ops::{nhwc_pair, window_output_size};
 use rill_graph::{
@@ -243,10 +243,11 @@ fn col2im<E: Num + Arith>(g: &Geom, cols: &[E], rows: Range<usize>, in_rows: Ran
     }
 }
 
-/// `out = conv2d(x, filter)`; `out` is zeroed.
+/// `out = conv2d(x, filter)`, every element written.
 fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E], out: &mut [E]) {
     let k = g.patch_len();
     if k == 0 {
+        out.fill(E::ZERO);
         return;
     }
     for_image_rows(pool, out, g.out_h, g.out_row(), g.out_w * k * g.out_c, |n, rows, dst| {
@@ -257,13 +258,21 @@ fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E
             cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
             im2col(g, image, r0..r1, &mut cols);
             let c = &mut dst[(r0 - rows.start) * g.out_row()..(r1 - rows.start) * g.out_row()];
-            gemm_serial(Operand::new(&cols, k, false), Operand::new(filter, g.out_c, false), k, c, g.out_c);
+            gemm_serial(
+                Operand::new(&cols, k, false),
+                Operand::new(filter, g.out_c, false),
+                k,
+                c,
+                g.out_c,
+                false,
+            );
         }
     });
 }
 
 /// `dx = col2im(dy × filterᵀ)`, split over blocks of input rows; each block recomputes the
-/// patches of the output rows it shares with its neighbours instead of locking. `dx` is zeroed.
+/// patches of the output rows it shares with its neighbours instead of locking. Every element of
+/// `dx` is written.
 fn conv2d_backprop_input<E: Num + Arith>(
     pool: &dyn IntraOpPool,
     g: &Geom,
@@ -276,23 +285,26 @@ fn conv2d_backprop_input<E: Num + Arith>(
     for_image_rows(pool, dx, g.in_h, g.in_w * g.in_c, row_cost, |n, in_rows, dst| {
         let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
         let touched = g.out_rows_touching(in_rows.clone());
+        dst.fill(E::ZERO);
         let mut cols = Vec::new();
         for r0 in touched.clone().step_by(g.block_rows()) {
             let r1 = touched.end.min(r0 + g.block_rows());
-            cols.clear();
+            // Overwritten by the product, so only grown, never cleared.
             cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
             let a = Operand::new(&dy[r0 * g.out_row()..r1 * g.out_row()], g.out_c, false);
-            gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, &mut cols, k);
+            gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, &mut cols, k, false);
             col2im(g, &cols, r0..r1, in_rows.clone(), dst);
         }
     });
 }
 
 /// `dfilter = Σ im2col(x)ᵀ × dy`: one partial sum per thread over its share of the output rows,
-/// added in a fixed order so the result does not depend on scheduling. `df` is zeroed.
+/// added in a fixed order so the result does not depend on scheduling. Every element of `df` is
+/// written.
 fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], dy: &[E], df: &mut [E]) {
     let (k, size) = (g.patch_len(), df.len());
     let total_rows = g.batch * g.out_h;
+    df.fill(E::ZERO);
     if size == 0 || total_rows == 0 || g.out_w == 0 {
         return;
     }
@@ -311,7 +323,7 @@ fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &
             cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
             im2col(g, image, r0..r1, &mut cols);
             let b = Operand::new(&dy[at * g.out_row()..(at + r1 - r0) * g.out_row()], g.out_c, false);
-            gemm_serial(Operand::new(&cols, k, true), b, (r1 - r0) * g.out_w, acc, g.out_c);
+            gemm_serial(Operand::new(&cols, k, true), b, (r1 - r0) * g.out_w, acc, g.out_c, true);
             at += r1 - r0;
         }
     });
@@ -390,25 +402,19 @@ fn conv_geom(x: &Shape, f: &Shape, attrs: WindowAttrs) -> Result<Geom> {
     Geom::new(x, (f.dim(0), f.dim(1)), f.dim(3), attrs)
 }
 
-/// Runs `op` in the compute type of `dtype` (f16 and bf16 widened to f32) into a zeroed output.
-fn run_conv(
-    op: ConvOp,
-    pool: &dyn IntraOpPool,
-    g: &Geom,
-    a: &Tensor,
-    b: &Tensor,
-    out: Shape,
-) -> Result<Tensor> {
+/// Runs `op` in the compute type of `dtype` (f16 and bf16 widened to f32); every op writes all
+/// of its output, so native outputs come from the device's allocator.
+fn run_conv(op: ConvOp, dev: &dyn Device, g: &Geom, a: &Tensor, b: &Tensor, out: Shape) -> Result<Tensor> {
     fn native<E: Num + Arith>(
         op: ConvOp,
-        pool: &dyn IntraOpPool,
+        dev: &dyn Device,
         g: &Geom,
         a: &Tensor,
         b: &Tensor,
         out: Shape,
     ) -> Result<Tensor> {
-        let mut t = Tensor::try_zeros(E::DTYPE, out)?;
-        op.run::<E>(pool, g, a.as_slice()?, b.as_slice()?, t.as_mut_slice()?);
+        let mut t = dev.allocate(E::DTYPE, out)?;
+        op.run::<E>(dev.intra_op(), g, a.as_slice()?, b.as_slice()?, t.as_mut_slice()?);
         Ok(t)
     }
     fn half<T: Num<A = f32>>(
@@ -423,9 +429,10 @@ fn run_conv(
         op.run::<f32>(pool, g, &widen::<T>(a)?, &widen::<T>(b)?, &mut o);
         Tensor::new(out, &o.into_iter().map(T::store).collect::<Vec<T>>())
     }
+    let pool = dev.intra_op();
     match a.dtype() {
-        DType::F32 => native::<f32>(op, pool, g, a, b, out),
-        DType::F64 => native::<f64>(op, pool, g, a, b, out),
+        DType::F32 => native::<f32>(op, dev, g, a, b, out),
+        DType::F64 => native::<f64>(op, dev, g, a, b, out),
         DType::F16 => half::<f16>(op, pool, g, a, b, out),
         DType::BF16 => half::<bf16>(op, pool, g, a, b, out),
         d => Err(unsupported("Conv2D", d)),
@@ -461,7 +468,7 @@ impl OpKernel for ConvK {
                 b.dtype()
             )));
         }
-        let out = run_conv(self.op, ctx.intra_op(), &g, a, b, out)?;
+        let out = run_conv(self.op, &**ctx.device(), &g, a, b, out)?;
         ctx.set_output(0, out);
         Ok(())
     }
@@ -478,24 +485,56 @@ pub fn create_pool(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::expensive(PoolK { ksize, attrs: WindowAttrs::parse(init)? }))
 }
 
-/// The largest value of each channel in the window of output position (`oh`, `ow`), and where it
-/// is (`ih·W + iw`): the first maximum in window order, TensorFlow's tie rule. Padding never wins.
-fn window_max<T: Num>(g: &Geom, image: &[T], oh: usize, ow: usize, best: &mut [T::A], at: &mut [usize]) {
-    let c = g.in_c;
-    best.fill(T::A::LOWEST);
-    at.fill(usize::MAX);
+/// The input positions (`ih·W + iw`) of the window of output position (`oh`, `ow`) that fall
+/// inside the image, in window order, each with its input row; padding is left out.
+fn window_positions(g: &Geom, oh: usize, ow: usize, out: &mut Vec<(usize, usize)>) {
+    out.clear();
     let (kws, iw0) = g.in_cols(ow);
     for kh in 0..g.k_h {
-        let Some(ih) = g.in_row(oh, kh) else { continue };
-        for iw in iw0..iw0 + kws.len() {
-            let pos = ih * g.in_w + iw;
-            for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(&image[pos * c..(pos + 1) * c]) {
-                let v = v.load();
-                if v > *b || *a == usize::MAX {
-                    *b = v;
-                    *a = pos;
-                }
+        if let Some(ih) = g.in_row(oh, kh) {
+            out.extend((iw0..iw0 + kws.len()).map(|iw| (ih, ih * g.in_w + iw)));
+        }
+    }
+}
+
+/// The largest value of each channel over the window `positions` (LOWEST for an empty window).
+/// The first position starts the maxima, so padding never wins and a NaN there stays.
+fn window_max<T: Num>(image: &[T], c: usize, positions: &[(usize, usize)], best: &mut [T::A]) {
+    let Some((&(_, first), rest)) = positions.split_first() else {
+        best.fill(T::A::LOWEST);
+        return;
+    };
+    for (b, &v) in best.iter_mut().zip(&image[first * c..][..c]) {
+        *b = v.load();
+    }
+    for &(_, pos) in rest {
+        for (b, &v) in best.iter_mut().zip(&image[pos * c..][..c]) {
+            let v = v.load();
+            if v > *b {
+                *b = v;
             }
+        }
+    }
+}
+
+/// Like `window_max`, also noting for each channel which entry of `positions` holds the
+/// maximum: the first one in window order, TensorFlow's tie rule.
+fn window_argmax<T: Num>(
+    image: &[T],
+    c: usize,
+    positions: &[(usize, usize)],
+    best: &mut [T::A],
+    at: &mut [u32],
+) {
+    window_max::<T>(image, c, &positions[..positions.len().min(1)], best);
+    at.fill(0);
+    for (j, &(_, pos)) in positions.iter().enumerate().skip(1) {
+        for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(&image[pos * c..][..c]) {
+            let v = v.load();
+            // Branch-free selects, so the channel loop vectorises.
+            let take = v > *b;
+            *b = if take { v } else { *b };
+            *a = if take { j as u32 } else { *a };
         }
     }
 }
@@ -505,10 +544,11 @@ fn max_pool<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], out: &mut [T]) {
     let row_cost = g.out_row() * g.k_h * g.k_w;
     for_image_rows(pool, out, g.out_h, g.out_row(), row_cost, |n, rows, dst| {
         let image = &x[n * g.in_image()..][..g.in_image()];
-        let (mut best, mut at) = (vec![T::A::LOWEST; c], vec![0; c]);
+        let (mut best, mut positions) = (vec![T::A::LOWEST; c], Vec::new());
         for (oh, row) in rows.zip(dst.chunks_exact_mut(g.out_row())) {
             for (ow, px) in row.chunks_exact_mut(c).enumerate() {
-                window_max::<T>(g, image, oh, ow, &mut best, &mut at);
+                window_positions(g, oh, ow, &mut positions);
+                window_max::<T>(image, c, &positions, &mut best);
                 for (d, &b) in px.iter_mut().zip(&best) {
                     *d = T::store(b);
                 }
@@ -518,30 +558,45 @@ fn max_pool<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], out: &mut [T]) {
 }
 
 /// Routes each gradient to the maximum of its window, split over blocks of input rows; each
-/// block recomputes the maxima of windows it shares with its neighbours.
+/// block recomputes the maxima of windows it shares with its neighbours. Writes all of `dx`.
 fn max_pool_grad<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx: &mut [T]) {
     let (c, in_row) = (g.in_c, g.in_w * g.in_c);
     let row_cost = g.out_row() * g.k_h * g.k_w * g.out_h / g.in_h.max(1);
     for_image_rows(pool, dx, g.in_h, in_row, row_cost, |n, in_rows, dst| {
         let image = &x[n * g.in_image()..][..g.in_image()];
         let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
-        let mut acc = vec![T::A::ZERO; dst.len()];
-        let (mut best, mut at) = (vec![T::A::LOWEST; c], vec![0; c]);
+        dst.fill(T::store(T::A::ZERO));
+        // Half types add up in f32 on the side: overlapping windows route several gradients to
+        // one input, and rounding after each would drift.
+        let half = matches!(T::DTYPE, DType::F16 | DType::BF16);
+        let mut acc = if half { vec![T::A::ZERO; dst.len()] } else { Vec::new() };
+        let (mut best, mut at, mut positions) = (vec![T::A::LOWEST; c], vec![0u32; c], Vec::new());
         let first = in_rows.start * g.in_w;
         for oh in g.out_rows_touching(in_rows.clone()) {
             for ow in 0..g.out_w {
-                window_max::<T>(g, image, oh, ow, &mut best, &mut at);
+                window_positions(g, oh, ow, &mut positions);
+                if positions.is_empty() {
+                    continue;
+                }
+                window_argmax::<T>(image, c, &positions, &mut best, &mut at);
                 let grad = &dy[(oh * g.out_w + ow) * c..][..c];
-                for (ch, (&pos, &gr)) in at.iter().zip(grad).enumerate() {
-                    if in_rows.contains(&(pos / g.in_w)) {
-                        let d = &mut acc[(pos - first) * c + ch];
-                        *d = d.add(gr.load());
+                for (ch, (&j, &gr)) in at.iter().zip(grad).enumerate() {
+                    let (ih, pos) = positions[j as usize];
+                    if in_rows.contains(&ih) {
+                        let i = (pos - first) * c + ch;
+                        if half {
+                            acc[i] = acc[i].add(gr.load());
+                        } else {
+                            dst[i] = T::store(dst[i].load().add(gr.load()));
+                        }
                     }
                 }
             }
         }
-        for (d, &s) in dst.iter_mut().zip(&acc) {
-            *d = T::store(s);
+        if half {
+            for (d, &s) in dst.iter_mut().zip(&acc) {
+                *d = T::store(s);
+            }
         }
     });
 }
@@ -563,12 +618,13 @@ impl OpKernel for PoolK {
                     dy.dtype()
                 )));
             }
-            let mut dx = Tensor::try_zeros(x.dtype(), Shape::new(&g.in_shape())?)?;
+            // Every element is written, so the buffer may be recycled.
+            let mut dx = ctx.device().allocate(x.dtype(), Shape::new(&g.in_shape())?)?;
             dispatch_float!(x.dtype(), T => max_pool_grad::<T>(pool, &g, x.as_slice()?, dy.as_slice()?, dx.as_mut_slice()?),
                 _ => return Err(unsupported("MaxPoolGrad", x.dtype())));
             dx
         } else {
-            let mut out = Tensor::try_zeros(x.dtype(), Shape::new(&g.out_shape())?)?;
+            let mut out = ctx.device().allocate(x.dtype(), Shape::new(&g.out_shape())?)?;
             dispatch_float!(x.dtype(), T => max_pool::<T>(pool, &g, x.as_slice()?, out.as_mut_slice()?),
                 _ => return Err(unsupported("MaxPool", x.dtype())));
             out

@@ -522,15 +522,26 @@ fn bands(c: &mut [f32], m: usize, n: usize, nbands: usize) -> Vec<(usize, &mut [
     items
 }
 
-/// `C (m×n) += op(A) × op(B)` on the calling thread, for kernels that split their work over the
-/// pool themselves (convolutions); f32 through the blocked micro-kernel.
-pub(crate) fn gemm_serial<T: Num>(a: Operand<'_, T>, b: Operand<'_, T>, k: usize, c: &mut [T], n: usize) {
+/// `C (m×n) (=|+=) op(A) × op(B)` on the calling thread (`+=` when `accumulate`), for kernels
+/// that split their work over the pool themselves (convolutions); f32 through the blocked
+/// micro-kernel.
+pub(crate) fn gemm_serial<T: Num>(
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    k: usize,
+    c: &mut [T],
+    n: usize,
+    accumulate: bool,
+) {
     if T::DTYPE != DType::F32 {
+        if !accumulate {
+            c.fill(T::store(T::A::ZERO));
+        }
         return gemm_plain(&InlinePool, a, b, k, c, n);
     }
     let a = Operand { data: bytemuck::cast_slice::<T, f32>(a.data), ld: a.ld, trans: a.trans };
     let b = Operand { data: bytemuck::cast_slice::<T, f32>(b.data), ld: b.ld, trans: b.trans };
-    gemm_f32(&InlinePool, a, b, k, bytemuck::cast_slice_mut::<T, f32>(c), n, true);
+    gemm_f32(&InlinePool, a, b, k, bytemuck::cast_slice_mut::<T, f32>(c), n, accumulate);
 }
 
 /// `C += op(A) × op(B)` for f64 and integers: op(B) made row-major once, then rows of C
