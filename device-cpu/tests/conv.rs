@@ -367,3 +367,18 @@ fn errors_are_invalid_argument_and_name_the_node() {
         }
     }
 }
+
+#[test]
+fn max_pool_keeps_infinities_and_routes_ties_to_the_first() {
+    // Two 2×2 windows, one channel: one all -inf, one with three tied maxima (the first wins).
+    let inf = f64::NEG_INFINITY;
+    let x = [inf, inf, 1.0, 1.0, inf, inf, 1.0, 0.0];
+    let xt = make(DType::F32, &[1, 2, 4, 1], &x);
+    let attrs = window_attrs(Some([2, 2]), [2, 2], "SAME");
+    let y = eval("MaxPool", &[xt.clone()], attrs.clone()).unwrap();
+    assert_eq!(y.to_f64_vec().unwrap(), vec![f64::NEG_INFINITY, 1.0]);
+    let dy = make(DType::F32, &[1, 1, 2, 1], &[5.0, 7.0]);
+    let dx = eval("MaxPoolGrad", &[xt, y, dy], attrs).unwrap();
+    // The -inf window routes to its first element; the tie to the first 1.0.
+    assert_eq!(dx.to_f64_vec().unwrap(), vec![5.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+}

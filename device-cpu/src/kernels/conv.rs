@@ -8,8 +8,8 @@ use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
 use rill_graph::half::{bf16, f16};
 use rill_graph::ops::{nhwc_pair, window_output_size};
 use rill_graph::{
-    dispatch_float, AttrsExt, DType, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext,
-    Result, Shape, Tensor,
+    dispatch_float, AttrsExt, DType, Element, Error, IntraOpPool, Kernel, KernelInit, OpKernel,
+    OpKernelContext, Result, Shape, Tensor,
 };
 use std::ops::Range;
 
@@ -195,6 +195,31 @@ fn for_image_rows<T: Send>(
     });
 }
 
+thread_local! {
+    /// The im2col scratch of this thread, kept between calls: a fresh one per image would be
+    /// allocated and zero-filled every time. Held as words so any element type fits aligned.
+    static SCRATCH: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` elements of this thread's scratch (contents unspecified: every use writes
+/// before it reads; debug builds fill it with all-ones bytes to keep that true). The buffer is
+/// taken out while `f` runs, so a nested call gets its own.
+fn with_scratch<E: Element, R>(len: usize, f: impl FnOnce(&mut [E]) -> R) -> R {
+    let mut buf = SCRATCH.with(|c| c.take());
+    let words = (len * std::mem::size_of::<E>()).div_ceil(8);
+    if buf.len() < words {
+        buf.resize(words, 0);
+    }
+    let all: &mut [E] = bytemuck::cast_slice_mut(&mut buf[..words]);
+    let scratch = &mut all[..len];
+    if cfg!(debug_assertions) {
+        bytemuck::cast_slice_mut::<E, u8>(scratch).fill(0xFF);
+    }
+    let r = f(scratch);
+    SCRATCH.with(|c| c.set(buf));
+    r
+}
+
 /// Writes the patches of output rows `rows` of one image into `cols` (one row of `patch_len`
 /// per output position, in the filter's `[kh, kw, c]` order), zeros over the padding.
 fn im2col<E: Num + Arith>(g: &Geom, image: &[E], rows: Range<usize>, cols: &mut [E]) {
@@ -252,21 +277,16 @@ fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E
     }
     for_image_rows(pool, out, g.out_h, g.out_row(), g.out_w * k * g.out_c, |n, rows, dst| {
         let image = &x[n * g.in_image()..][..g.in_image()];
-        let mut cols = Vec::new();
-        for r0 in rows.clone().step_by(g.block_rows()) {
-            let r1 = rows.end.min(r0 + g.block_rows());
-            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
-            im2col(g, image, r0..r1, &mut cols);
-            let c = &mut dst[(r0 - rows.start) * g.out_row()..(r1 - rows.start) * g.out_row()];
-            gemm_serial(
-                Operand::new(&cols, k, false),
-                Operand::new(filter, g.out_c, false),
-                k,
-                c,
-                g.out_c,
-                false,
-            );
-        }
+        with_scratch::<E, _>(g.block_rows().min(rows.len()) * g.out_w * k, |scratch| {
+            for r0 in rows.clone().step_by(g.block_rows()) {
+                let r1 = rows.end.min(r0 + g.block_rows());
+                let cols = &mut scratch[..(r1 - r0) * g.out_w * k];
+                im2col(g, image, r0..r1, cols);
+                let c = &mut dst[(r0 - rows.start) * g.out_row()..(r1 - rows.start) * g.out_row()];
+                let (a, f) = (Operand::new(cols, k, false), Operand::new(filter, g.out_c, false));
+                gemm_serial(a, f, k, c, g.out_c, false);
+            }
+        });
     });
 }
 
@@ -286,15 +306,15 @@ fn conv2d_backprop_input<E: Num + Arith>(
         let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
         let touched = g.out_rows_touching(in_rows.clone());
         dst.fill(E::ZERO);
-        let mut cols = Vec::new();
-        for r0 in touched.clone().step_by(g.block_rows()) {
-            let r1 = touched.end.min(r0 + g.block_rows());
-            // Overwritten by the product, so only grown, never cleared.
-            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
-            let a = Operand::new(&dy[r0 * g.out_row()..r1 * g.out_row()], g.out_c, false);
-            gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, &mut cols, k, false);
-            col2im(g, &cols, r0..r1, in_rows.clone(), dst);
-        }
+        with_scratch::<E, _>(g.block_rows().min(touched.len()) * g.out_w * k, |scratch| {
+            for r0 in touched.clone().step_by(g.block_rows()) {
+                let r1 = touched.end.min(r0 + g.block_rows());
+                let cols = &mut scratch[..(r1 - r0) * g.out_w * k];
+                let a = Operand::new(&dy[r0 * g.out_row()..r1 * g.out_row()], g.out_c, false);
+                gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, cols, k, false);
+                col2im(g, cols, r0..r1, in_rows.clone(), dst);
+            }
+        });
     });
 }
 
@@ -315,17 +335,18 @@ fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &
     parallel_chunks_mut(pool, &mut partials, size, |off, acc| {
         let part = off / size;
         let (mut at, end) = (part * per, ((part + 1) * per).min(total_rows));
-        let mut cols = Vec::new();
-        while at < end {
-            let (n, r0) = (at / g.out_h, at % g.out_h);
-            let r1 = g.out_h.min(r0 + g.block_rows()).min(r0 + end - at);
-            let image = &x[n * g.in_image()..][..g.in_image()];
-            cols.resize((r1 - r0) * g.out_w * k, E::ZERO);
-            im2col(g, image, r0..r1, &mut cols);
-            let b = Operand::new(&dy[at * g.out_row()..(at + r1 - r0) * g.out_row()], g.out_c, false);
-            gemm_serial(Operand::new(&cols, k, true), b, (r1 - r0) * g.out_w, acc, g.out_c, true);
-            at += r1 - r0;
-        }
+        with_scratch::<E, _>(g.block_rows().min(g.out_h) * g.out_w * k, |scratch| {
+            while at < end {
+                let (n, r0) = (at / g.out_h, at % g.out_h);
+                let r1 = g.out_h.min(r0 + g.block_rows()).min(r0 + end - at);
+                let image = &x[n * g.in_image()..][..g.in_image()];
+                let cols = &mut scratch[..(r1 - r0) * g.out_w * k];
+                im2col(g, image, r0..r1, cols);
+                let b = Operand::new(&dy[at * g.out_row()..(at + r1 - r0) * g.out_row()], g.out_c, false);
+                gemm_serial(Operand::new(cols, k, true), b, (r1 - r0) * g.out_w, acc, g.out_c, true);
+                at += r1 - r0;
+            }
+        });
     });
     for part in partials.chunks_exact(size) {
         for (d, &s) in df.iter_mut().zip(part) {
@@ -509,16 +530,16 @@ fn window_max<T: Num>(image: &[T], c: usize, positions: &[(usize, usize)], best:
     }
     for &(_, pos) in rest {
         for (b, &v) in best.iter_mut().zip(&image[pos * c..][..c]) {
+            // A select, not a conditional store, so the channel loop vectorises.
             let v = v.load();
-            if v > *b {
-                *b = v;
-            }
+            *b = if v > *b { v } else { *b };
         }
     }
 }
 
 /// Like `window_max`, also noting for each channel which entry of `positions` holds the
-/// maximum: the first one in window order, TensorFlow's tie rule.
+/// maximum: the first one in window order, TensorFlow's tie rule. A second pass from the back
+/// marks the first entry equal to the maximum (a NaN maximum can only be the first entry).
 fn window_argmax<T: Num>(
     image: &[T],
     c: usize,
@@ -526,15 +547,11 @@ fn window_argmax<T: Num>(
     best: &mut [T::A],
     at: &mut [u32],
 ) {
-    window_max::<T>(image, c, &positions[..positions.len().min(1)], best);
+    window_max::<T>(image, c, positions, best);
     at.fill(0);
-    for (j, &(_, pos)) in positions.iter().enumerate().skip(1) {
-        for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(&image[pos * c..][..c]) {
-            let v = v.load();
-            // Branch-free selects, so the channel loop vectorises.
-            let take = v > *b;
-            *b = if take { v } else { *b };
-            *a = if take { j as u32 } else { *a };
+    for (j, &(_, pos)) in positions.iter().enumerate().rev() {
+        for ((b, a), &v) in best.iter().zip(at.iter_mut()).zip(&image[pos * c..][..c]) {
+            *a = if v.load() == *b { j as u32 } else { *a };
         }
     }
 }
