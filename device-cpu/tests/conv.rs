@@ -375,7 +375,7 @@ fn max_pool_keeps_infinities_and_routes_ties_to_the_first() {
     let x = [inf, inf, 1.0, 1.0, inf, inf, 1.0, 0.0];
     let xt = make(DType::F32, &[1, 2, 4, 1], &x);
     let attrs = window_attrs(Some([2, 2]), [2, 2], "SAME");
-    let y = eval("MaxPool", &[xt.clone()], attrs.clone()).unwrap();
+    let y = eval("MaxPool", std::slice::from_ref(&xt), attrs.clone()).unwrap();
     assert_eq!(y.to_f64_vec().unwrap(), vec![f64::NEG_INFINITY, 1.0]);
     let dy = make(DType::F32, &[1, 1, 2, 1], &[5.0, 7.0]);
     let dx = eval("MaxPoolGrad", &[xt, y, dy], attrs).unwrap();
