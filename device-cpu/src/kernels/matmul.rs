@@ -31,6 +31,8 @@ const BAND_BLOCKS: usize = 4;
 /// Most floats of op(B) packed at once (16 MiB): all of B for matrices up to 2048², more
 /// columns are packed group by group.
 const PACKED_B_MAX: usize = 4 << 20;
+/// Most floats of C for a split by columns, whose parts are computed into buffers of their own.
+const COLUMN_SPLIT_MAX: usize = 1 << 20;
 /// Multiply-adds below which a product runs on the calling thread: a pool hand-off costs more.
 const PARALLEL_MIN_FLOPS: usize = 1 << 20;
 
@@ -64,6 +66,8 @@ thread_local! {
     /// pages: op(B) on the thread that calls `gemm_f32`, op(A) on every thread that runs a block.
     static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The column parts of a split by columns, on the thread that calls `gemm_f32`.
+    static COLUMN_PARTS: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Runs `f` with this thread's buffer from `key` resized to `len` (contents unspecified); the
@@ -462,6 +466,9 @@ fn gemm_f32_on(
         // and moves every packed line from the core that wrote it to the one that reads it,
         // which for so few rows costs more than packing twice. (A transposed B packs slowly
         // enough that sharing the work still wins.)
+        if n > m && m * n <= COLUMN_SPLIT_MAX {
+            return column_split(simd, pool, a, b, k, c, n, accumulate);
+        }
         let items = bands(c, m, n, threads.min(tiles));
         parallel_items(pool, items, |_, (i0, rows)| {
             for j0 in (0..n).step_by(group) {
@@ -503,6 +510,63 @@ fn gemm_f32_on(
             });
         });
     }
+}
+
+/// The few-rows product split by columns: each thread packs only its runs of B's columns and
+/// multiplies all of A into a buffer of its own, then the caller copies the buffers into C (at
+/// most `COLUMN_SPLIT_MAX` floats). Chosen when B is wider than A is tall, so each thread packs
+/// less than with a split by rows (A is packed whole by each thread, B in parts).
+#[allow(clippy::too_many_arguments)]
+fn column_split(
+    simd: bool,
+    pool: &dyn IntraOpPool,
+    a: Operand<'_, f32>,
+    b: Operand<'_, f32>,
+    k: usize,
+    c: &mut [f32],
+    n: usize,
+    accumulate: bool,
+) {
+    let m = c.len() / n;
+    let slivers = n.div_ceil(NR);
+    let runs = pool.num_threads().max(1).min(slivers);
+    let per = slivers.div_ceil(runs) * NR;
+    // The parts' buffers are kept by the calling thread between calls (fresh ones would fault in
+    // new pages every call).
+    let mut bufs = COLUMN_PARTS.with(|p| p.take());
+    bufs.resize_with(bufs.len().max(runs), Vec::new);
+    let mut parts: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(per)
+        .zip(bufs.drain(..))
+        .map(|(j0, mut v)| {
+            (j0, {
+                v.clear();
+                v
+            })
+        })
+        .collect();
+    {
+        let c_in: &[f32] = c;
+        parallel_items(pool, parts.iter_mut().collect(), |_, (j0, part)| {
+            let (j0, nc) = (*j0, per.min(n - *j0));
+            if accumulate {
+                part.extend(c_in.chunks_exact(n).flat_map(|row| &row[j0..j0 + nc]));
+            } else {
+                part.resize(m * nc, 0.0);
+            }
+            // B from column j0 on: not transposed, so that is the stored data from offset j0.
+            let bj = Operand { data: &b.data[j0..], ld: b.ld, trans: false };
+            row_band(simd, &a, PackedB::Own(&bj), k, 0, part, nc, 0, nc, accumulate);
+        });
+    }
+    for (j0, part) in &parts {
+        let nc = per.min(n - j0);
+        for (row, src) in c.chunks_exact_mut(n).zip(part.chunks_exact(nc)) {
+            row[*j0..j0 + nc].copy_from_slice(src);
+        }
+    }
+    bufs.extend(parts.into_iter().map(|(_, v)| v));
+    COLUMN_PARTS.with(|p| p.set(bufs));
 }
 
 /// C (`m` rows of `n`) split into `nbands` bands of whole micro-tiles, the tiles spread evenly,
@@ -712,11 +776,12 @@ mod tests {
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
         // Serial sizes first; then products large enough for the pool: few rows (each thread
-        // packs B itself) and many rows (B packed once, shared), each with every transpose.
+        // packs B itself, split by rows or, for a wider B, by columns) and many rows (B packed
+        // once, shared), each with every transpose.
         let serial = [(1, 1, 1), (7, 17, 15), (13, 257, 33), (145, 40, 17), (600, 31, 20), (1200, 9, 3)];
         let mut shapes: Vec<(usize, usize, usize, bool, bool)> =
             serial.iter().enumerate().map(|(s, &(m, k, n))| (m, k, n, s % 2 == 1, s % 4 >= 2)).collect();
-        for (m, k, n) in [(131, 300, 37), (500, 70, 40), (20, 600, 129)] {
+        for (m, k, n) in [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333)] {
             for t in 0..4 {
                 shapes.push((m, k, n, t % 2 == 1, t >= 2));
             }
