@@ -135,6 +135,17 @@ fn interleave<const W: usize>(sliver: &mut [f32], srcs: &[&[f32]; W]) {
     }
 }
 
+/// `interleave` for a B sliver, with register transposes where the CPU has AVX2.
+#[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
+fn interleave_b(sliver: &mut [f32], srcs: &[&[f32]; NR]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: `has_avx2_fma()` found both features on this CPU.
+        return unsafe { avx2::interleave16(sliver, srcs) };
+    }
+    interleave(sliver, srcs)
+}
+
 /// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into `NR`-column slivers, zero-padded.
 fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf: &mut [f32]) {
     for (s, sliver) in buf.chunks_exact_mut(NR * kc).enumerate() {
@@ -149,7 +160,7 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
                     &ZEROS[..kc]
                 }
             });
-            interleave(sliver, &srcs);
+            interleave_b(sliver, &srcs);
         } else {
             if cols == NR {
                 // Whole slivers copy as fixed-size arrays: two vector moves, not a memcpy call.
@@ -228,9 +239,65 @@ mod avx2 {
 
     use super::{merge_tile, KC, MR, NR};
     use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
+        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_set1_ps,
+        _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
     };
+
+    /// Rows `r[i]` of an 8×8 block become its columns.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// `super::interleave` for a B sliver (`NR` = 16 runs) with 8×8 register transposes; the
+    /// depth past a multiple of 8 goes the scalar way.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn interleave16(sliver: &mut [f32], srcs: &[&[f32]; NR]) {
+        let kc = sliver.len() / NR;
+        let full = kc / 8 * 8;
+        for half in 0..NR / 8 {
+            for p in (0..full).step_by(8) {
+                let rows: [__m256; 8] = std::array::from_fn(|i| {
+                    load8(srcs[half * 8 + i][p..p + 8].try_into().expect("8 floats"))
+                });
+                for (i, col) in transpose8(rows).into_iter().enumerate() {
+                    let at = (p + i) * NR + half * 8;
+                    store8((&mut sliver[at..at + 8]).try_into().expect("8 floats"), col);
+                }
+            }
+        }
+        for p in full..kc {
+            for (c, src) in srcs.iter().enumerate() {
+                sliver[p * NR + c] = src[p];
+            }
+        }
+    }
 
     /// Eight floats from the start of `v`.
     #[inline]
@@ -460,12 +527,11 @@ fn gemm_f32_on(
     // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
     let group = (PACKED_B_MAX / k / NR).max(1) * NR;
     let tiles = m.div_ceil(MR);
-    if threads > 1 && !b.trans && tiles <= threads * (MC / MR) {
+    if threads > 1 && tiles <= threads * (MC / MR) {
         // Few rows (at most one A block per thread): each thread packs op(B) itself, block by
         // block, right before using it. Packing B once for all threads costs a second hand-off
         // and moves every packed line from the core that wrote it to the one that reads it,
-        // which for so few rows costs more than packing twice. (A transposed B packs slowly
-        // enough that sharing the work still wins.)
+        // which for so few rows costs more than packing twice.
         if n > m && m * n <= COLUMN_SPLIT_MAX {
             return column_split(simd, pool, a, b, k, c, n, accumulate);
         }
@@ -554,8 +620,8 @@ fn column_split(
             } else {
                 part.resize(m * nc, 0.0);
             }
-            // B from column j0 on: not transposed, so that is the stored data from offset j0.
-            let bj = Operand { data: &b.data[j0..], ld: b.ld, trans: false };
+            // B from column j0 on: a stored row of a transposed B, else a stored column.
+            let bj = Operand { data: &b.data[if b.trans { j0 * b.ld } else { j0 }..], ..b };
             row_band(simd, &a, PackedB::Own(&bj), k, 0, part, nc, 0, nc, accumulate);
         });
     }
@@ -766,6 +832,20 @@ mod tests {
 
     /// Both micro-kernel paths (the AVX2 one where the CPU has it), on shapes around the tile,
     /// depth-block, A-block and band edges, every transpose pair, writing and accumulating.
+    #[test]
+    fn transposed_packing_matches_the_scalar_interleave() {
+        for kc in [1, 7, 8, 9, 16, 61, 256] {
+            let runs: Vec<Vec<f32>> =
+                (0..NR).map(|c| (0..kc).map(|p| (c * 1000 + p) as f32).collect()).collect();
+            let srcs: [&[f32]; NR] = std::array::from_fn(|c| &runs[c][..]);
+            let mut want = vec![0f32; NR * kc];
+            interleave(&mut want, &srcs);
+            let mut got = vec![-1f32; NR * kc];
+            interleave_b(&mut got, &srcs);
+            assert_eq!(got, want, "depth {kc}");
+        }
+    }
+
     #[test]
     fn every_path_matches_reference() {
         let mut seed = 0x9e37_79b9_u32;
