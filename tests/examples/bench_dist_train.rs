@@ -398,8 +398,10 @@ fn local(seconds: f64) -> Result<()> {
     }
     let l1 = s.run(&[], &[m.loss], &[], &r)?[0].scalar_value::<f32>()?;
     let med = rill_tests::median(&rates);
+    // Named apart from `bench_mlp`'s line of the same workload, which `cargo xtask bench` pairs
+    // with TensorFlow's: one invocation prints both, and a shared name would keep only the last.
     rill_tests::line(
-        "local_single_session_steps[const]",
+        "local_single_session_steps[const,dist_train]",
         med,
         "steps/s",
         &format!(

@@ -199,7 +199,12 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
     for p in PROGRAMS.iter().filter(|p| only.as_deref().is_none_or(|o| o == p.name)) {
         let mut c = cargo();
         c.args(["run", "--quiet", "--release", "-p", p.package, "--example", p.example, "--"]).args(p.args);
-        ours.extend(parse_results(&run_capture(c, p.name)?));
+        for (name, value) in parse_results(&run_capture(c, p.name)?) {
+            if ours.contains_key(&name) {
+                eprintln!("warning: two programs print {name}; the table keeps the later one");
+            }
+            ours.insert(name, value);
+        }
         for (script, sargs) in p.peers.iter().filter(|_| peer_dir.is_some()) {
             let dir = peer_dir.as_deref().unwrap_or(root);
             match &py {
