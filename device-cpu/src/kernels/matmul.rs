@@ -6,6 +6,9 @@
 //! the pool's threads. A band walks the depth blocks outermost, so one block of packed B is reused
 //! by all of the band's `MC`-row blocks while it is still in cache; for each, the band packs its
 //! `MC`×`KC` block of op(A) and runs the micro-kernel with one B sliver in L1 and the A block in L2.
+//! With at most one `MC` block of rows per thread (a training batch) there is nothing to share a
+//! packed B over: each thread packs the part of B it uses itself, block by block (see
+//! `gemm_f32_on`).
 
 use super::{for_chunks, unsupported, Arith, Num};
 use rill_graph::device::InlinePool;
