@@ -3,7 +3,7 @@
 //! parallel over batch × row blocks; f16 and bf16 are computed in f32.
 
 use super::matmul::{gemm_serial, widen, Operand};
-use super::{int_vector, unsupported, Arith, Num};
+use super::{int_vector, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
 use rill_graph::half::{bf16, f16};
 use rill_graph::ops::{nhwc_pair, window_output_size};
@@ -202,22 +202,16 @@ thread_local! {
 }
 
 /// Runs `f` with `len` elements of this thread's scratch (contents unspecified: every use writes
-/// before it reads; debug builds fill it with all-ones bytes to keep that true). The buffer is
-/// taken out while `f` runs, so a nested call gets its own.
+/// before it reads; debug builds fill it with all-ones bytes to keep that true).
 fn with_scratch<E: Element, R>(len: usize, f: impl FnOnce(&mut [E]) -> R) -> R {
-    let mut buf = SCRATCH.with(|c| c.take());
     let words = (len * std::mem::size_of::<E>()).div_ceil(8);
-    if buf.len() < words {
-        buf.resize(words, 0);
-    }
-    let all: &mut [E] = bytemuck::cast_slice_mut(&mut buf[..words]);
-    let scratch = &mut all[..len];
-    if cfg!(debug_assertions) {
-        bytemuck::cast_slice_mut::<E, u8>(scratch).fill(0xFF);
-    }
-    let r = f(scratch);
-    SCRATCH.with(|c| c.set(buf));
-    r
+    with_buffer(&SCRATCH, words, |buf| {
+        let scratch = &mut bytemuck::cast_slice_mut::<u64, E>(buf)[..len];
+        if cfg!(debug_assertions) {
+            bytemuck::cast_slice_mut::<E, u8>(scratch).fill(0xFF);
+        }
+        f(scratch)
+    })
 }
 
 /// Writes the patches of output rows `rows` of one image into `cols` (one row of `patch_len`

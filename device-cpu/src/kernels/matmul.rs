@@ -10,7 +10,7 @@
 //! packed B over: each thread packs the part of B it uses itself, block by block (see
 //! `gemm_f32_on`).
 
-use super::{for_chunks, unsupported, Arith, Num};
+use super::{for_chunks, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::InlinePool;
 use rill_graph::half::{bf16, f16};
 use rill_graph::{
@@ -73,20 +73,15 @@ thread_local! {
     static COLUMN_PARTS: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's buffer from `key` resized to `len` (contents unspecified); the
-/// buffer is taken out while `f` runs, so a nested call gets its own.
-fn with_buffer<R>(
-    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    let mut buf = key.with(|c| c.take());
-    if buf.len() < len {
-        buf.resize(len, 0.0);
+/// Fills a whole sliver, `W` floats per depth step from `data[at(p)..]`: fixed-size array copies
+/// are a few vector moves, where a slice copy of variable length is a memcpy call.
+#[inline(always)]
+fn copy_runs<const W: usize>(sliver: &mut [f32], data: &[f32], at: impl Fn(usize) -> usize) {
+    for (p, dst) in sliver.chunks_exact_mut(W).enumerate() {
+        let src: &[f32; W] = data[at(p)..][..W].try_into().expect("W floats");
+        let dst: &mut [f32; W] = dst.try_into().expect("W floats");
+        *dst = *src;
     }
-    let r = f(&mut buf[..len]);
-    key.with(|c| c.set(buf));
-    r
 }
 
 /// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into `MR`-row slivers, depth-major, zero-padded.
@@ -97,11 +92,7 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
         if a.trans {
             // Stored k×m: the sliver's rows are adjacent in each stored row.
             if rows == MR {
-                for (p, dst) in sliver.chunks_exact_mut(MR).enumerate() {
-                    let src: &[f32; MR] = a.data[(p0 + p) * a.ld + r0..][..MR].try_into().expect("MR floats");
-                    let dst: &mut [f32; MR] = dst.try_into().expect("MR floats");
-                    *dst = *src;
-                }
+                copy_runs::<MR>(sliver, a.data, |p| (p0 + p) * a.ld + r0);
                 continue;
             }
             for (p, dst) in sliver.chunks_exact_mut(MR).enumerate() {
@@ -166,12 +157,7 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
             interleave_b(sliver, &srcs);
         } else {
             if cols == NR {
-                // Whole slivers copy as fixed-size arrays: two vector moves, not a memcpy call.
-                for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
-                    let src: &[f32; NR] = b.data[(p0 + p) * b.ld + c0..][..NR].try_into().expect("NR floats");
-                    let dst: &mut [f32; NR] = dst.try_into().expect("NR floats");
-                    *dst = *src;
-                }
+                copy_runs::<NR>(sliver, b.data, |p| (p0 + p) * b.ld + c0);
                 continue;
             }
             for (p, dst) in sliver.chunks_exact_mut(NR).enumerate() {
@@ -603,24 +589,17 @@ fn column_split(
     // The parts' buffers are kept by the calling thread between calls (fresh ones would fault in
     // new pages every call).
     let mut bufs = COLUMN_PARTS.with(|p| p.take());
-    bufs.resize_with(bufs.len().max(runs), Vec::new);
-    let mut parts: Vec<(usize, Vec<f32>)> = (0..n)
-        .step_by(per)
-        .zip(bufs.drain(..))
-        .map(|(j0, mut v)| {
-            (j0, {
-                v.clear();
-                v
-            })
-        })
-        .collect();
+    let mut parts: Vec<(usize, Vec<f32>)> =
+        (0..n).step_by(per).map(|j0| (j0, bufs.pop().unwrap_or_default())).collect();
     {
         let c_in: &[f32] = c;
         parallel_items(pool, parts.iter_mut().collect(), |_, (j0, part)| {
             let (j0, nc) = (*j0, per.min(n - *j0));
             if accumulate {
+                part.clear();
                 part.extend(c_in.chunks_exact(n).flat_map(|row| &row[j0..j0 + nc]));
             } else {
+                // Contents unspecified: the product overwrites every element.
                 part.resize(m * nc, 0.0);
             }
             // B from column j0 on: a stored row of a transposed B, else a stored column.

@@ -372,6 +372,23 @@ pub(crate) fn for_chunks<O: Send>(
     parallel_chunks_mut(pool, out, per * unit, f);
 }
 
+/// Runs `f` with this thread's buffer from `key` resized to `len` (contents unspecified); the
+/// buffer is kept between calls, so scratch space faults in no fresh pages, and is taken out
+/// while `f` runs, so a nested call gets its own.
+pub(crate) fn with_buffer<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let mut buf = key.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    let r = f(&mut buf[..len]);
+    key.with(|c| c.set(buf));
+    r
+}
+
 /// `out[i] = f(x[i])`, split over the pool for large tensors.
 pub(crate) fn map_into<T: Copy + Sync, O: Copy + Send>(
     pool: &dyn IntraOpPool,
