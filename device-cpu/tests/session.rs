@@ -20,6 +20,7 @@ static WAIT_FOREVER: OpDef =
     OpDef { name: "TestWaitForever", infer: out_f32, ref_inputs: &[], stateful: true };
 static PANIC: OpDef = OpDef { name: "TestPanic", infer: out_f32, ref_inputs: &[], stateful: true };
 static COUNT: OpDef = OpDef { name: "TestCount", infer: same_as_input, ref_inputs: &[], stateful: true };
+static WHERE: OpDef = OpDef { name: "TestWhere", infer: same_as_input, ref_inputs: &[], stateful: true };
 static TEST_OPS: [OpDef; 0] = [];
 
 /// Waits until its step is cancelled, then fails with the cancellation's reason.
@@ -54,7 +55,20 @@ impl OpKernel for Count {
     }
 }
 
+/// Where each `TestWhere` ran: its input's bytes and its thread.
+static RAN_ON: std::sync::Mutex<Vec<(usize, std::thread::ThreadId)>> = std::sync::Mutex::new(Vec::new());
+struct Where;
+impl OpKernel for Where {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        let t = ctx.input(0)?.clone();
+        RAN_ON.lock().unwrap().push((t.byte_size(), std::thread::current().id()));
+        ctx.set_output(0, t);
+        Ok(())
+    }
+}
+
 static TEST_KERNELS: &[KernelDef] = &[
+    KernelDef::new("TestWhere", "CPU", |_| Ok(Kernel::cheap(Where))),
     KernelDef::new("TestWaitForever", "CPU", |_| Ok(Kernel::asynchronous(WaitForever))),
     KernelDef::new("TestPanic", "CPU", |_| Ok(Kernel::expensive(Panics))),
     KernelDef::new("TestCount", "CPU", |_| Ok(Kernel::cheap(Count))),
@@ -65,6 +79,7 @@ fn runtime() -> Runtime {
     rt.ops.add(std::slice::from_ref(&WAIT_FOREVER));
     rt.ops.add(std::slice::from_ref(&PANIC));
     rt.ops.add(std::slice::from_ref(&COUNT));
+    rt.ops.add(std::slice::from_ref(&WHERE));
     rt
 }
 
@@ -273,4 +288,34 @@ fn work_stealing_under_contention_runs_each_node_once() {
         h.join().unwrap();
     }
     assert_eq!(EXECUTIONS.load(Ordering::SeqCst) - before, THREADS * STEPS * WIDTH * 4);
+}
+
+#[test]
+fn an_io_thread_runs_only_small_cheap_nodes_itself() {
+    let g = Graph::new();
+    let small = g.placeholder("small", DType::F32, [Some(4)]);
+    let big = g.placeholder("big", DType::F32, [None]);
+    let ws = g.custom(&WHERE, "ws", &[small], attrs! {});
+    let wb = g.custom(&WHERE, "wb", &[big], attrs! {});
+    let rt = runtime();
+    let s = DirectSession::new(&g, &rt, SessionOptions::default()).unwrap();
+    let big_len = executor::IO_INLINE_BYTES_MAX / 4 + 1;
+    let run = move |s: &DirectSession| {
+        RAN_ON.lock().unwrap().clear();
+        let feeds = [(small, Tensor::vector(&[1f32; 4])), (big, Tensor::vector(&vec![2f32; big_len]))];
+        let out = s.run(&feeds, &[ws, wb], &[], &opts()).unwrap();
+        assert_eq!(out[1].as_slice::<f32>().unwrap().len(), big_len);
+        let me = std::thread::current().id();
+        let ran = RAN_ON.lock().unwrap().clone();
+        let here = |bytes: usize| ran.iter().find(|r| r.0 == bytes).map(|r| r.1 == me).unwrap();
+        (here(16), here(big_len * 4))
+    };
+    // An ordinary caller runs every cheap node itself.
+    assert_eq!(run(&s), (true, true));
+    // An event-loop thread hands the large input's node to the pool.
+    let on_io = std::thread::spawn(move || {
+        executor::mark_io_thread();
+        run(&s)
+    });
+    assert_eq!(on_io.join().unwrap(), (true, false));
 }

@@ -1,14 +1,37 @@
 //! The executor: runs one partition's nodes in dependency order. Pending counts per node, cheap
 //! kernels inline on the current thread, expensive ones on the device's inter-op pool, async
-//! kernels through continuations; the first error aborts the step.
+//! kernels through continuations; the first error aborts the step. On an I/O thread (an event
+//! loop, see [`mark_io_thread`]) only nodes that cannot hold it up run inline.
 
 use crate::kernel::{node_error, AsyncKernelContext, Kernel, NodeInfo, OpKernelContext, StepContext, Value};
 use crate::trace::{NodeExecStats, StepStatsCollector};
 use crate::{Error, GraphDef, KernelRegistry, OpRegistry, Result, TensorInfo};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
+
+thread_local! {
+    static IO_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// On an I/O thread a cheap node runs inline only while its inputs total at most this many bytes:
+/// a step continued where its tensor arrived skips a hand-off to the pool (a wake-up costs more
+/// than a small kernel), and a large one never delays the loop's other connections.
+pub const IO_INLINE_BYTES_MAX: usize = 64 << 10;
+
+/// Marks the calling thread as an I/O thread: steps continued or started on it run inline only
+/// small cheap nodes and asynchronous kernels that start without blocking; the rest go to the
+/// device's pool. Event loops call it once, on their own thread.
+pub fn mark_io_thread() {
+    IO_THREAD.with(|c| c.set(true));
+}
+
+/// Whether the calling thread was marked with [`mark_io_thread`].
+pub fn on_io_thread() -> bool {
+    IO_THREAD.with(|c| c.get())
+}
 
 use crate::device::Device;
 
@@ -165,7 +188,8 @@ impl Executor {
             done(Ok(()));
             return;
         }
-        if let Some(order) = &self.straight {
+        let io = on_io_thread();
+        if let (Some(order), false) = (&self.straight, io) {
             done(self.run_straight(order, &step, stats.as_deref()));
             return;
         }
@@ -182,7 +206,7 @@ impl Executor {
         });
         let mut stack = Vec::new();
         for &r in &self.roots {
-            if self.items[r as usize].inline {
+            if state.runs_here(r, io) {
                 stack.push(r);
             } else {
                 state.schedule(r);
@@ -307,6 +331,32 @@ struct AsyncCall {
 }
 
 impl State {
+    /// Whether ready node `n` runs on this thread: cheap ones do, except that an I/O thread
+    /// leaves large inputs and asynchronous kernels that may block to the pool.
+    fn runs_here(&self, n: u32, io: bool) -> bool {
+        let item = &self.exec.items[n as usize];
+        if !item.inline || !io {
+            return item.inline;
+        }
+        match &item.kernel {
+            Kernel::Async(k) => k.starts_without_blocking(),
+            Kernel::Sync { .. } => {
+                let mut bytes = 0;
+                for src in &item.inputs {
+                    bytes += match self.entries[src.slot as usize].get() {
+                        Some(Value::Tensor(t)) => t.byte_size(),
+                        Some(Value::Ref(v)) => v.byte_size(),
+                        None => 0,
+                    };
+                    if bytes > IO_INLINE_BYTES_MAX {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
     fn schedule(self: &Arc<Self>, n: u32) {
         let s = self.clone();
         self.exec.device.schedule(Box::new(move || s.run_loop(vec![n], true)));
@@ -345,6 +395,8 @@ impl State {
     /// Runs ready nodes until none is left for this thread. `on_pool` threads may run one
     /// expensive successor inline instead of handing it off.
     fn run_loop(self: &Arc<Self>, mut stack: Vec<u32>, on_pool: bool) {
+        let io = on_io_thread();
+        let on_pool = on_pool && !io;
         let mut inputs: Vec<Value> = Vec::new();
         let mut outputs: Vec<Option<Value>> = Vec::new();
         let mut expensive: Vec<u32> = Vec::new();
@@ -374,7 +426,7 @@ impl State {
                     }
                     let r = flatten_panic(r);
                     let ready = match r {
-                        Ok(()) => self.propagate(item, &mut outputs, &mut stack, &mut expensive),
+                        Ok(()) => self.propagate(item, &mut outputs, &mut stack, &mut expensive, io),
                         Err(e) => {
                             self.fail(node_error(&item.info, e));
                             0
@@ -426,7 +478,7 @@ impl State {
                             Ok(vals) => {
                                 outputs.clear();
                                 outputs.extend(vals.into_iter().map(Some));
-                                self.propagate(item, &mut outputs, &mut stack, &mut expensive)
+                                self.propagate(item, &mut outputs, &mut stack, &mut expensive, io)
                             }
                             Err(e) => {
                                 self.fail(node_error(&item.info, e));
@@ -447,10 +499,11 @@ impl State {
         let item = &self.exec.items[n as usize];
         let mut stack = Vec::new();
         let mut expensive = Vec::new();
+        let io = on_io_thread();
         let ready = match res {
             Ok(vals) => {
                 let mut outputs: Vec<Option<Value>> = vals.into_iter().map(Some).collect();
-                self.propagate(item, &mut outputs, &mut stack, &mut expensive)
+                self.propagate(item, &mut outputs, &mut stack, &mut expensive, io)
             }
             Err(e) => {
                 self.fail(node_error(&item.info, e));
@@ -473,6 +526,7 @@ impl State {
         outputs: &mut [Option<Value>],
         stack: &mut Vec<u32>,
         expensive: &mut Vec<u32>,
+        io: bool,
     ) -> usize {
         if outputs.len() != item.num_outputs as usize {
             self.fail(node_error(&item.info, Error::internal("kernel produced the wrong number of outputs")));
@@ -496,7 +550,7 @@ impl State {
         for &dst in &item.out_edges {
             if self.pending[dst as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
                 ready += 1;
-                if self.exec.items[dst as usize].inline {
+                if self.runs_here(dst, io) {
                     stack.push(dst);
                 } else {
                     expensive.push(dst);

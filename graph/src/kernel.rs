@@ -249,6 +249,12 @@ pub trait OpKernel: Send + Sync {
 /// later. It must react to the step's cancellation so no wait outlives its step.
 pub trait AsyncOpKernel: Send + Sync {
     fn compute_async(&self, ctx: AsyncKernelContext, done: AsyncDone);
+
+    /// Whether `compute_async` only registers its wait and returns (it may then run on an
+    /// event-loop thread); a kernel that may read a file or copy much before returning says no.
+    fn starts_without_blocking(&self) -> bool {
+        false
+    }
 }
 
 /// An instantiated kernel.

@@ -249,17 +249,31 @@ impl AsyncOpKernel for RecvK {
         ctx.step.rendezvous.clone().recv_async(
             &self.key,
             Box::new(move |r| {
-                done(r.and_then(|t| {
-                    if t.dtype() != dtype {
-                        return Err(Error::internal(format!(
-                            "received a {} tensor for key {key}, expected {dtype}",
-                            t.dtype()
-                        )));
-                    }
-                    Ok(vec![Value::Tensor(device.from_host(t)?)])
-                }))
+                let on_device = device.device_type() != "CPU";
+                let pool = device.clone();
+                let finish = move || {
+                    done(r.and_then(|t| {
+                        if t.dtype() != dtype {
+                            return Err(Error::internal(format!(
+                                "received a {} tensor for key {key}, expected {dtype}",
+                                t.dtype()
+                            )));
+                        }
+                        Ok(vec![Value::Tensor(device.from_host(t)?)])
+                    }))
+                };
+                // A copy into device memory may wait for the device: never on an event loop.
+                if on_device && crate::executor::on_io_thread() {
+                    pool.schedule(Box::new(finish));
+                } else {
+                    finish();
+                }
             }),
         );
+    }
+
+    fn starts_without_blocking(&self) -> bool {
+        true
     }
 }
 

@@ -136,6 +136,11 @@ impl Variable {
         self.lock().is_some()
     }
 
+    /// Bytes of the current value (0 when unset).
+    pub fn byte_size(&self) -> usize {
+        self.lock().as_ref().map_or(0, Tensor::byte_size)
+    }
+
     /// The current value (shares the buffer); `FailedPrecondition` naming the variable when unset.
     pub fn read(&self) -> Result<Tensor> {
         self.lock().clone().ok_or_else(|| self.uninitialized())

@@ -298,12 +298,12 @@ fn server_serves_a_session_and_stops_on_a_signal() {
         let target = format!("tcp://127.0.0.1:{port}");
         let g = Graph::new();
         let y = g.with_device("/job:worker/task:0", |g| g.add(g.scalar(2f32), g.scalar(3f32)));
-        let with_secret = ConnectOptions { secret: Some(b"let me in".to_vec()) };
+        let with_secret = ConnectOptions { secret: Some(b"let me in".to_vec()), ..Default::default() };
         let sess = RemoteSession::connect_with(&target, &g, SessionOptions::default(), &with_secret).unwrap();
         let ro = RunOptions { timeout_in_ms: WAIT_MS, ..Default::default() };
         assert_eq!(sess.run(&[], &[y], &[], &ro).unwrap()[0].scalar_value::<f32>().unwrap(), 5.0);
         drop(sess);
-        let wrong = ConnectOptions { secret: Some(b"let me inn".to_vec()) };
+        let wrong = ConnectOptions { secret: Some(b"let me inn".to_vec()), ..Default::default() };
         assert!(RemoteSession::connect_with(&target, &g, SessionOptions::default(), &wrong).is_err());
 
         let (status, stderr) = server.signal_and_wait(sig);

@@ -136,6 +136,9 @@ impl Conn {
 /// loop, which writes them when the socket is writable. Order is the queue's.
 pub struct Outbox {
     state: Mutex<OutState>,
+    /// Moving average of how long synchronous calls on this connection took, in nanoseconds:
+    /// a caller spins for an answer only while they are short.
+    pub recent_call_ns: AtomicU64,
 }
 
 pub struct OutState {
@@ -167,6 +170,7 @@ impl Outbox {
                 closed: false,
                 failed: None,
             }),
+            recent_call_ns: AtomicU64::new(0),
         })
     }
 

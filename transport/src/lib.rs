@@ -31,8 +31,8 @@ pub use conn::{CallDone, Response};
 pub use data_path::{Dest, Landing, TensorTransport};
 pub use event_loop::{
     CallOptions, Handler, InlineHandler, Limits, PeerHandle, Request, Responder, Transport, TransportOptions,
-    CALLS_IN_FLIGHT_MAX, CONNECTIONS_MAX, HANDLER_QUEUE_LEN_MAX, HANDLER_THREADS, HANDSHAKE_TIMEOUT_MS,
-    REQUEST_BODY_SIZE_MAX, WRITE_QUEUE_SIZE_MAX,
+    CALLS_IN_FLIGHT_MAX, CALL_SPIN, CONNECTIONS_MAX, HANDLER_QUEUE_LEN_MAX, HANDLER_THREADS,
+    HANDSHAKE_TIMEOUT_MS, REQUEST_BODY_SIZE_MAX, WRITE_QUEUE_SIZE_MAX,
 };
 pub use handshake::{cluster_fingerprint, Identity, PeerInfo};
 pub use remote::{reset, ConnectOptions, RemoteSession};

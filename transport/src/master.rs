@@ -4,7 +4,7 @@
 
 use crate::proto::{decode, encode, pack, unpack, Req, Resp, TensorRef};
 use crate::worker::{task_error, Peers, Worker};
-use crate::BodySource;
+use crate::{BodySource, Responder};
 use rill_graph::partition::{partition, prune_and_rewrite, PartitionOptions};
 use rill_graph::placer::{place, PlacerOptions};
 use rill_graph::session::{check_feeds, CANCEL_GRACE};
@@ -295,9 +295,11 @@ impl Master {
         Ok(plan)
     }
 
-    /// Runs one step over the cluster. Blocks the calling thread (a master step thread).
+    /// Runs one step over the cluster, blocking the calling thread until it ends (an in-process
+    /// client's thread or a master step thread).
+    #[allow(clippy::too_many_arguments)]
     pub fn run_step(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         feeds: Vec<(Output, Tensor)>,
         fetches: &[Output],
@@ -305,31 +307,106 @@ impl Master {
         timeout_ms: u64,
         trace: bool,
     ) -> Result<(Vec<Tensor>, Option<StepStats>)> {
-        let s = self.session(id)?;
-        let timeout_ms = if timeout_ms > 0 { timeout_ms } else { s.opts.operation_timeout_in_ms };
-        let feed_outs: Vec<Output> = feeds.iter().map(|f| f.0).collect();
-        let plan = self.plan(&s, &feed_outs, fetches, targets)?;
-        check_feeds(&feeds, &plan.feed_types, &|o| {
-            let g = s.graph.read().unwrap_or_else(|e| e.into_inner());
-            format!("{}:{}", g.node(o.node).name, o.index)
-        })?;
-        for p in plan.parts.iter().filter(|p| !p.local) {
-            let peer = self.peers.ensure(&p.job, p.task)?;
-            if let Some(&was) = s.incarnations.get(&(p.job.clone(), p.task)) {
-                if peer.info().incarnation != was {
-                    return Err(Error::aborted(format!(
-                        "/job:{}/task:{} restarted since the session was created; recreate the session",
-                        p.job, p.task
-                    )));
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.run_step_async(
+            id,
+            feeds,
+            fetches,
+            targets,
+            timeout_ms,
+            trace,
+            Box::new(move |r| drop(tx.send(r))),
+        );
+        // The step always ends: its parts answer, or its timer ends it.
+        rx.recv().unwrap_or_else(|_| Err(Error::internal("a step ended without an answer")))
+    }
+
+    /// Whether a step with these feeds, fetches and targets starts without blocking: its plan is
+    /// made and every task in it is connected, so the event loop may start it itself.
+    pub fn starts_without_blocking(
+        &self,
+        id: u64,
+        feeds: &[Output],
+        fetches: &[Output],
+        targets: &[NodeId],
+    ) -> bool {
+        let Ok(s) = self.session(id) else { return false };
+        let key = (feeds.to_vec(), fetches.to_vec(), targets.to_vec());
+        let Some(plan) = lock(&s.plans).get(&key).cloned() else { return false };
+        plan.parts.iter().all(|p| {
+            if p.local {
+                self.worker.starts_without_dialling(p.graph)
+            } else {
+                self.peers.get(&p.job, p.task).is_some()
+            }
+        })
+    }
+
+    /// Starts one step over the cluster; `done` gets the fetches once every part has answered,
+    /// or the first error (with the task that raised it) once the others have ended or
+    /// `CANCEL_GRACE` has passed. Planning a new signature registers graphs and may block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_step_async(
+        self: &Arc<Self>,
+        id: u64,
+        feeds: Vec<(Output, Tensor)>,
+        fetches: &[Output],
+        targets: &[NodeId],
+        timeout_ms: u64,
+        trace: bool,
+        done: StepDone,
+    ) {
+        let started = (|| {
+            let s = self.session(id)?;
+            let timeout_ms = if timeout_ms > 0 { timeout_ms } else { s.opts.operation_timeout_in_ms };
+            let feed_outs: Vec<Output> = feeds.iter().map(|f| f.0).collect();
+            let plan = self.plan(&s, &feed_outs, fetches, targets)?;
+            check_feeds(&feeds, &plan.feed_types, &|o| {
+                let g = s.graph.read().unwrap_or_else(|e| e.into_inner());
+                format!("{}:{}", g.node(o.node).name, o.index)
+            })?;
+            for p in plan.parts.iter().filter(|p| !p.local) {
+                let peer = self.peers.ensure(&p.job, p.task)?;
+                if let Some(&was) = s.incarnations.get(&(p.job.clone(), p.task)) {
+                    if peer.info().incarnation != was {
+                        return Err(Error::aborted(format!(
+                            "/job:{}/task:{} restarted since the session was created; recreate the session",
+                            p.job, p.task
+                        )));
+                    }
                 }
             }
-        }
+            Ok((plan, timeout_ms))
+        })();
+        let (plan, timeout_ms) = match started {
+            Ok(x) => x,
+            Err(e) => return done(Err(e)),
+        };
         let step = StepId::next();
         let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
-        let (tx, rx) = mpsc::channel::<(usize, Result<(Vec<(u32, Tensor)>, Option<StepStats>)>)>();
+        let gather = Arc::new(Gather {
+            master: self.clone(),
+            plan: plan.clone(),
+            step,
+            timeout_ms,
+            trace,
+            state: Mutex::new(GatherState {
+                done: Some(done),
+                first: None,
+                silent_at_error: Vec::new(),
+                retvals: vec![None; plan.num_fetches],
+                stats: StepStats::default(),
+                answered: vec![false; plan.parts.len()],
+                got: 0,
+                aborted: false,
+                timer: None,
+            }),
+        });
+        // Without a deadline a step still ends after an hour, so nothing waits forever.
+        gather.arm(deadline.map(|d| d + CANCEL_GRACE).unwrap_or_else(|| Instant::now() + NO_DEADLINE_LIMIT));
         for (k, p) in plan.parts.iter().enumerate() {
             let args: Vec<(u32, Tensor)> = p.args.iter().map(|&i| (i, feeds[i as usize].1.clone())).collect();
-            let tx = tx.clone();
+            let g = gather.clone();
             if p.local {
                 self.worker.run_graph_async(
                     p.graph,
@@ -338,9 +415,7 @@ impl Master {
                     plan.num_fetches as u32,
                     timeout_ms,
                     trace,
-                    Box::new(move |r| {
-                        let _ = tx.send((k, r));
-                    }),
+                    Box::new(move |r| g.part_done(k, r)),
                 );
                 continue;
             }
@@ -363,7 +438,7 @@ impl Master {
                     Instant::now() + Duration::from_millis(crate::worker::RECV_TIMEOUT_DEFAULT_MS)
                 });
                 let (job, task) = (p.job.clone(), p.task);
-                let (tx, peers) = (tx.clone(), self.peers.clone());
+                let peers = self.peers.clone();
                 let opts = crate::CallOptions {
                     deadline: call_deadline,
                     ..crate::CallOptions::timeout(Duration::ZERO)
@@ -390,7 +465,7 @@ impl Master {
                                 }
                                 other => Err(Error::internal(format!("RunGraph answered {other:?}"))),
                             });
-                        let _ = tx.send((k, r));
+                        g.part_done(k, r);
                     }),
                 )
             };
@@ -399,92 +474,9 @@ impl Master {
                 if e.code == Code::Unavailable {
                     self.peers.forget(&p.job, p.task);
                 }
-                let _ = tx.send((k, Err(task_error(&p.job, p.task, e))));
+                gather.part_done(k, Err(task_error(&p.job, p.task, e)));
             }
         }
-        drop(tx);
-        let mut first: Option<Error> = None;
-        let mut retvals: Vec<Option<Tensor>> = vec![None; plan.num_fetches];
-        let mut stats = StepStats::default();
-        let mut got = 0;
-        let mut aborted = false;
-        let mut answered = vec![false; plan.parts.len()];
-        // Remote tasks that had not answered when the step failed: a deadline names them.
-        let silent = |answered: &[bool]| -> Vec<String> {
-            plan.parts
-                .iter()
-                .zip(answered)
-                .filter(|(p, a)| !p.local && !**a)
-                .map(|(p, _)| format!("/job:{}/task:{}", p.job, p.task))
-                .collect()
-        };
-        let mut silent_at_error = Vec::new();
-        while got < plan.parts.len() {
-            let wait_until = match (deadline, aborted) {
-                (_, true) => Instant::now() + CANCEL_GRACE,
-                (Some(d), false) => d + CANCEL_GRACE,
-                (None, false) => Instant::now() + Duration::from_secs(3600),
-            };
-            let r = rx.recv_timeout(wait_until.saturating_duration_since(Instant::now()));
-            let (k, r) = match r {
-                Ok(x) => x,
-                Err(_) => {
-                    if first.is_none() {
-                        silent_at_error = silent(&answered);
-                    }
-                    first.get_or_insert_with(|| {
-                        Error::deadline_exceeded(format!("step timed out after {timeout_ms} ms"))
-                    });
-                    break;
-                }
-            };
-            got += 1;
-            if let Some(a) = answered.get_mut(k) {
-                *a = true;
-            }
-            match r {
-                Ok((vals, st)) => {
-                    for (i, t) in vals {
-                        if let Some(slot) = retvals.get_mut(i as usize) {
-                            *slot = Some(t);
-                        }
-                    }
-                    if let Some(st) = st {
-                        stats.nodes.extend(st.nodes);
-                    }
-                }
-                Err(e) => {
-                    let better =
-                        first.as_ref().is_none_or(|p| p.code == Code::Cancelled && e.code != Code::Cancelled);
-                    if better {
-                        if first.is_none() {
-                            silent_at_error = silent(&answered);
-                        }
-                        first = Some(e.clone());
-                    }
-                    if !aborted {
-                        aborted = true;
-                        self.cleanup_step(&plan, step, Some(e));
-                    }
-                }
-            }
-        }
-        if !aborted {
-            self.cleanup_step(&plan, step, first.clone());
-        }
-        if let Some(mut e) = first {
-            // A deadline is usually a peer that stopped answering (a cut link): name it.
-            if e.code == Code::DeadlineExceeded && !silent_at_error.is_empty() {
-                e.msg = format!("{} (no answer from {})", e.msg, silent_at_error.join(", "));
-            }
-            return Err(e);
-        }
-        let out = retvals
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| t.ok_or_else(|| Error::internal(format!("fetch {i} was not produced"))))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((out, trace.then_some(stats)))
     }
 
     /// Ends a step on every task of the plan: at once where it failed (waiting parts are aborted)
@@ -521,12 +513,156 @@ impl Master {
     }
 }
 
-/// Serves one master request on the calling thread (a step thread, never the event loop).
-pub fn handle_master(
-    m: &Master,
-    req: Req,
-    body: Option<rill_graph::Buffer>,
-) -> Result<(Resp, Option<BodySource>)> {
+/// Completion of a step: the fetched values in order, and the trace when asked for.
+pub type StepDone = Box<dyn FnOnce(Result<(Vec<Tensor>, Option<StepStats>)>) + Send>;
+
+/// How long a step without a deadline may take before it fails, so that no step waits forever.
+const NO_DEADLINE_LIMIT: Duration = Duration::from_secs(3600);
+
+/// The answers of one step's parts, gathered as they come (on whatever thread brings them); the
+/// last answer, or the timer, ends the step. No thread waits for a step.
+struct Gather {
+    master: Arc<Master>,
+    plan: Arc<Plan>,
+    step: StepId,
+    timeout_ms: u64,
+    trace: bool,
+    state: Mutex<GatherState>,
+}
+
+struct GatherState {
+    /// Taken when the step ends; later answers are dropped.
+    done: Option<StepDone>,
+    first: Option<Error>,
+    /// Remote tasks that had not answered when the step failed: a deadline names them.
+    silent_at_error: Vec<String>,
+    retvals: Vec<Option<Tensor>>,
+    stats: StepStats,
+    answered: Vec<bool>,
+    got: usize,
+    aborted: bool,
+    timer: Option<u64>,
+}
+
+impl Gather {
+    fn silent(&self, answered: &[bool]) -> Vec<String> {
+        self.plan
+            .parts
+            .iter()
+            .zip(answered)
+            .filter(|(p, a)| !p.local && !**a)
+            .map(|(p, _)| format!("/job:{}/task:{}", p.job, p.task))
+            .collect()
+    }
+
+    /// (Re)sets the time at which the step ends whatever has answered.
+    fn arm(self: &Arc<Self>, at: Instant) {
+        let me = self.clone();
+        let timer = self.master.worker.timer();
+        let id = timer.schedule(at, Box::new(move || me.expire()));
+        let old = lock(&self.state).timer.replace(id);
+        if let Some(old) = old {
+            timer.cancel(old);
+        }
+    }
+
+    fn expire(&self) {
+        let mut st = lock(&self.state);
+        if st.done.is_none() {
+            return;
+        }
+        if st.first.is_none() {
+            st.silent_at_error = self.silent(&st.answered);
+            st.first = Some(Error::deadline_exceeded(format!("step timed out after {} ms", self.timeout_ms)));
+        }
+        st.timer = None;
+        self.finish(st);
+    }
+
+    fn part_done(self: &Arc<Self>, k: usize, r: Result<(Vec<(u32, Tensor)>, Option<StepStats>)>) {
+        let mut st = lock(&self.state);
+        if st.done.is_none() {
+            return;
+        }
+        st.got += 1;
+        if let Some(a) = st.answered.get_mut(k) {
+            *a = true;
+        }
+        match r {
+            Ok((vals, stats)) => {
+                for (i, t) in vals {
+                    if let Some(slot) = st.retvals.get_mut(i as usize) {
+                        *slot = Some(t);
+                    }
+                }
+                if let Some(stats) = stats {
+                    st.stats.nodes.extend(stats.nodes);
+                }
+            }
+            Err(e) => {
+                let better =
+                    st.first.as_ref().is_none_or(|p| p.code == Code::Cancelled && e.code != Code::Cancelled);
+                if better {
+                    if st.first.is_none() {
+                        st.silent_at_error = self.silent(&st.answered);
+                    }
+                    st.first = Some(e.clone());
+                }
+                if !st.aborted && st.got < self.plan.parts.len() {
+                    // Abort the other parts and give them `CANCEL_GRACE` to answer.
+                    st.aborted = true;
+                    drop(st);
+                    self.master.cleanup_step(&self.plan, self.step, Some(e));
+                    self.arm(Instant::now() + CANCEL_GRACE);
+                    st = lock(&self.state);
+                    if st.done.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        if st.got == self.plan.parts.len() {
+            self.finish(st);
+        }
+    }
+
+    /// Ends the step: cleans up the parts (unless they were aborted) and answers.
+    fn finish(&self, mut st: std::sync::MutexGuard<'_, GatherState>) {
+        let Some(done) = st.done.take() else { return };
+        if let Some(id) = st.timer.take() {
+            self.master.worker.timer().cancel(id);
+        }
+        let aborted = st.aborted;
+        let first = st.first.take();
+        let silent = std::mem::take(&mut st.silent_at_error);
+        let retvals = std::mem::take(&mut st.retvals);
+        let stats = std::mem::take(&mut st.stats);
+        drop(st);
+        if !aborted {
+            self.master.cleanup_step(&self.plan, self.step, first.clone());
+        }
+        let r = match first {
+            Some(mut e) => {
+                // A deadline is usually a peer that stopped answering (a cut link): name it.
+                if e.code == Code::DeadlineExceeded && !silent.is_empty() {
+                    e.msg = format!("{} (no answer from {})", e.msg, silent.join(", "));
+                }
+                Err(e)
+            }
+            None => retvals
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| t.ok_or_else(|| Error::internal(format!("fetch {i} was not produced"))))
+                .collect::<Result<Vec<_>>>()
+                .map(|out| (out, self.trace.then_some(stats))),
+        };
+        done(r);
+    }
+}
+
+/// Serves one master request other than `RunStep` (see [`start_step`]) on the calling thread (a
+/// handler or step thread, never the event loop).
+pub fn handle_master(m: &Arc<Master>, req: Req) -> Result<(Resp, Option<BodySource>)> {
     match req {
         Req::CreateSession { graph, options } => {
             Ok((Resp::Session { session: m.create_session(graph, options)? }, None))
@@ -535,22 +671,44 @@ pub fn handle_master(
         Req::CloseSession { session } => m.close_session(session).map(|_| (Resp::Ok, None)),
         Req::ListDevices => Ok((Resp::Devices(m.list_devices(&SessionOptions::default())?.0), None)),
         Req::Reset { containers } => m.reset(containers).map(|_| (Resp::Ok, None)),
-        Req::RunStep { session, feeds, fetches, targets, timeout_ms, trace, feed_values } => {
-            let values = unpack(feed_values, body)?;
-            if values.len() != feeds.len() {
-                return Err(Error::invalid_argument("feed values do not match feeds"));
-            }
-            let (out, stats) = m.run_step(
-                session,
-                feeds.into_iter().zip(values).collect(),
-                &fetches,
-                &targets,
-                timeout_ms,
-                trace,
-            )?;
-            let p = pack(&out)?;
-            Ok((Resp::Step { fetches: p.refs, stats }, p.body))
-        }
         other => Err(Error::invalid_argument(format!("not a master request: {other:?}"))),
     }
+}
+
+/// Starts a `RunStep` request; the step answers the client itself when it ends, from whichever
+/// thread ends it, so no thread waits for it.
+pub fn start_step(m: &Arc<Master>, req: Req, body: Option<rill_graph::Buffer>, responder: Responder) {
+    let Req::RunStep { session, feeds, fetches, targets, timeout_ms, trace, feed_values } = req else {
+        let _ = responder.fail(&Error::internal(format!("not a RunStep request: {req:?}")));
+        return;
+    };
+    let values = match unpack(feed_values, body) {
+        Ok(v) if v.len() == feeds.len() => v,
+        Ok(_) => {
+            let _ = responder.fail(&Error::invalid_argument("feed values do not match feeds"));
+            return;
+        }
+        Err(e) => {
+            let _ = responder.fail(&e);
+            return;
+        }
+    };
+    m.run_step_async(
+        session,
+        feeds.into_iter().zip(values).collect(),
+        &fetches,
+        &targets,
+        timeout_ms,
+        trace,
+        Box::new(move |r| {
+            let sent = r.and_then(|(out, stats)| {
+                let p = pack(&out)?;
+                Ok((encode(&Resp::Step { fetches: p.refs, stats })?, p.body))
+            });
+            let _ = match sent {
+                Ok((meta, body)) => responder.respond(&meta, body),
+                Err(e) => responder.fail(&e),
+            };
+        }),
+    );
 }

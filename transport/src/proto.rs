@@ -204,16 +204,37 @@ pub fn unpack(refs: Vec<TensorRef>, body: Option<Buffer>) -> Result<Vec<Tensor>>
     Ok(out)
 }
 
-/// Whether `meta` encodes a request a server answers on its event-loop thread: `RecvTensor` only
-/// registers a callback with the step's rendezvous. Reads just the enum tag (postcard writes the
-/// variant index first, as one byte below 128), so other requests are not decoded twice.
+/// Whether `meta` encodes a request a server may answer on its event-loop thread: `RecvTensor`
+/// (it only registers a callback with the step's rendezvous), `RunGraph` and `RunStep` (started
+/// there when they need no dialling or planning). Reads just the enum tag (postcard writes the variant index first, as
+/// one byte below 128), so other requests are not decoded twice.
 pub fn answered_inline(meta: &[u8]) -> bool {
-    static TAG: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
-    let tag = TAG.get_or_init(|| {
-        let probe = Req::RecvTensor { step: StepId(0), key: String::new(), dest: None };
-        encode(&probe).ok().and_then(|b| b.first().copied())
+    static TAGS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let probes = [
+            Req::RecvTensor { step: StepId(0), key: String::new(), dest: None },
+            Req::RunGraph {
+                cleanup: Vec::new(),
+                graph: 0,
+                step: StepId(0),
+                args: Vec::new(),
+                num_retvals: 0,
+                timeout_ms: 0,
+                trace: false,
+            },
+            Req::RunStep {
+                session: 0,
+                feeds: Vec::new(),
+                fetches: Vec::new(),
+                targets: Vec::new(),
+                timeout_ms: 0,
+                trace: false,
+                feed_values: Vec::new(),
+            },
+        ];
+        probes.iter().filter_map(|p| encode(p).ok().and_then(|b| b.first().copied())).collect()
     });
-    tag.is_some() && meta.first() == tag.as_ref()
+    meta.first().is_some_and(|t| tags.contains(t))
 }
 
 pub fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>> {
@@ -248,9 +269,19 @@ mod tests {
     }
 
     #[test]
-    fn only_recv_tensor_is_answered_inline() {
+    fn only_recv_tensor_and_steps_may_be_answered_inline() {
         let recv = Req::RecvTensor { step: StepId(7), key: "k".into(), dest: None };
         assert!(answered_inline(&encode(&recv).unwrap()));
+        let run = Req::RunGraph {
+            cleanup: vec![StepId(3)],
+            graph: 9,
+            step: StepId(7),
+            args: Vec::new(),
+            num_retvals: 1,
+            timeout_ms: 5,
+            trace: true,
+        };
+        assert!(answered_inline(&encode(&run).unwrap()));
         for other in [Req::GetStatus, Req::CleanupStep { step: StepId(7), error: None }, Req::ListDevices] {
             assert!(!answered_inline(&encode(&other).unwrap()), "{other:?}");
         }

@@ -24,6 +24,9 @@ pub const CLIENT_STEP_TIMEOUT_DEFAULT_MS: u64 = 24 * 3600 * 1000;
 #[derive(Clone, Debug, Default)]
 pub struct ConnectOptions {
     pub secret: Option<Vec<u8>>,
+    /// How long a call may spin for a fast answer before it sleeps; `None`: the transport's
+    /// default ([`crate::CALL_SPIN`]), zero: never (a client that must not use a core waiting).
+    pub call_spin: Option<Duration>,
 }
 
 fn parse_target(target: &str) -> Result<std::net::SocketAddr> {
@@ -40,6 +43,7 @@ fn dial(target: &str, opts: &ConnectOptions) -> Result<(Transport, PeerHandle)> 
         secret: opts.secret.clone(),
         cluster_id: CLIENT_CLUSTER_ID,
         job: "client".into(),
+        call_spin: opts.call_spin.unwrap_or(crate::CALL_SPIN),
         ..Default::default()
     })?;
     let p = t.connect(addr, Instant::now() + Duration::from_millis(CLIENT_CONTROL_TIMEOUT_MS))?;
@@ -131,7 +135,7 @@ impl RemoteSession {
     fn request(&self, req: Req, timeout: Duration) -> Result<Resp> {
         match &self.channel {
             Channel::Tcp(c) => Ok(call(&c.peer, &req, None, timeout)?.0),
-            Channel::InProcess(m) => match handle_master(m.get()?.as_ref(), req, None)? {
+            Channel::InProcess(m) => match handle_master(&m.get()?, req)? {
                 (resp, None) => Ok(resp),
                 (resp, Some(_)) => Err(Error::internal(format!("{resp:?} came with a body"))),
             },

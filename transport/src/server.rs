@@ -3,7 +3,7 @@
 
 use crate::cluster::{ClusterSpec, ServerDef};
 use crate::event_loop::{Request, Responder, Transport, TransportOptions};
-use crate::master::{handle_master, Master};
+use crate::master::{handle_master, start_step, Master};
 use crate::proto::{answered_inline, decode, encode, Req};
 use crate::worker::{handle_worker, Peers, Worker};
 use rill_graph::{Error, Result, Runtime};
@@ -21,7 +21,10 @@ struct Services {
 }
 
 impl Services {
-    /// On the event-loop thread: `RecvTensor` (it only registers a callback); the rest goes on.
+    /// On the event-loop thread: `RecvTensor` (it only registers a callback), and `RunGraph` and
+    /// `RunStep` when they start without blocking (graph registered or step planned, peers
+    /// connected; the executor runs only small cheap nodes here and hands the rest to the pool);
+    /// the rest goes on to the handler threads.
     fn handle_inline(&self, req: Request, responder: Responder) -> Option<(Request, Responder)> {
         if !answered_inline(&req.meta) {
             return Some((req, responder));
@@ -30,6 +33,20 @@ impl Services {
             Ok(Req::RecvTensor { step, key, dest }) => {
                 self.worker.recv_tensor(step, &key, dest, &req.peer, responder)
             }
+            Ok(run @ Req::RunGraph { graph, .. }) if self.worker.starts_without_dialling(graph) => {
+                if let Some((other, _, responder)) =
+                    handle_worker(&self.worker, &req.peer, run, req.body, responder)
+                {
+                    let _ = responder.fail(&Error::internal(format!("{other:?} is not answered inline")));
+                }
+            }
+            Ok(Req::RunStep { session, feeds, fetches, targets, timeout_ms, trace, feed_values })
+                if self.master.starts_without_blocking(session, &feeds, &fetches, &targets) =>
+            {
+                let run = Req::RunStep { session, feeds, fetches, targets, timeout_ms, trace, feed_values };
+                start_step(&self.master, run, req.body, responder)
+            }
+            Ok(Req::RunGraph { .. } | Req::RunStep { .. }) => return Some((req, responder)),
             Ok(other) => {
                 let _ = responder.fail(&Error::internal(format!("{other:?} is not answered inline")));
             }
@@ -53,13 +70,16 @@ impl Services {
         else {
             return;
         };
-        // Master requests may wait for whole steps. A few run right here (a hand-off to another
-        // thread costs more than a tiny step); the rest run on step threads, so that at least
-        // `HANDLER_THREADS - MASTER_INLINE_MAX` handler threads stay free for the RecvTensor
-        // requests those steps depend on.
+        // Master requests may wait (planning a step registers graphs on other tasks). A few run
+        // right here; the rest run on step threads, so that at least
+        // `HANDLER_THREADS - MASTER_INLINE_MAX` handler threads stay free for worker requests.
         let me = self.clone();
         let job = move || {
-            let r = handle_master(&me.master, req, body).and_then(|(resp, body)| Ok((encode(&resp)?, body)));
+            if matches!(req, Req::RunStep { .. }) {
+                // Plans the step (which may block the first time) and starts it; it answers itself.
+                return start_step(&me.master, req, body, responder);
+            }
+            let r = handle_master(&me.master, req).and_then(|(resp, body)| Ok((encode(&resp)?, body)));
             let _ = match r {
                 Ok((meta, body)) => responder.respond(&meta, body),
                 Err(e) => responder.fail(&e),

@@ -324,8 +324,14 @@ impl Rendezvous for WorkerRendezvous {
                         Resp::Tensor(tr) => received_tensor(&peers, &full_key, tr, resp.body, landing),
                         other => Err(Error::internal(format!("RecvTensor answered {other:?}"))),
                     });
-                // Continue the step on the device's pool, never on the event-loop thread.
-                runner.schedule(Box::new(move || d(result)));
+                // A small tensor continues the step here (the executor keeps large work off an
+                // event loop); a large one on the device's pool, so the loop reads on.
+                match &result {
+                    Ok(t) if t.byte_size() > rill_graph::executor::IO_INLINE_BYTES_MAX => {
+                        runner.schedule(Box::new(move || d(result)))
+                    }
+                    _ => d(result),
+                }
             }),
         );
         if let Err(e) = r {
@@ -468,6 +474,11 @@ impl Worker {
         }
     }
 
+    /// The timer that ends steps at their deadlines.
+    pub(crate) fn timer(&self) -> &Timer {
+        &self.timer
+    }
+
     pub fn task(&self) -> &DeviceName {
         &self.task
     }
@@ -545,6 +556,13 @@ impl Worker {
     }
 
     /// Runs a registered graph for `step`; `done` gets the return values produced here.
+    /// Whether `RunGraph` of `graph` can start without dialling a peer (the graph is registered
+    /// and every task it receives from is connected), so the event loop may start it itself.
+    pub fn starts_without_dialling(&self, graph: u64) -> bool {
+        let Some(g) = lock(&self.graphs).get(&graph).cloned() else { return false };
+        g.remote_tasks.iter().all(|(job, task)| self.peers.get(job, *task).is_some())
+    }
+
     pub fn run_graph_async(
         &self,
         graph: u64,

@@ -164,12 +164,12 @@ fn a_client_with_the_wrong_secret_is_refused() {
     let worker = Server::start(def, runtime()).unwrap();
     let g = Graph::new();
     g.scalar(1f32);
-    let bad = ConnectOptions { secret: Some(b"wrong".to_vec()) };
+    let bad = ConnectOptions { secret: Some(b"wrong".to_vec()), ..Default::default() };
     let e = RemoteSession::connect_with(&worker.target(), &g, SessionOptions::default(), &bad).unwrap_err();
     assert_eq!(e.code, Code::Unauthenticated, "{e}");
     let none = RemoteSession::connect(&worker.target(), &g, SessionOptions::default()).unwrap_err();
     assert_eq!(none.code, Code::Unauthenticated, "{none}");
-    let good = ConnectOptions { secret: Some(b"s3cret".to_vec()) };
+    let good = ConnectOptions { secret: Some(b"s3cret".to_vec()), ..Default::default() };
     // Only the worker runs: the session's devices come from the tasks matching its filter.
     let opts = SessionOptions { device_filters: vec!["/job:worker".into()], ..Default::default() };
     let one = g.add(g.scalar(1f32), g.scalar(1f32));

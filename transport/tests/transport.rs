@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 const TIMEOUT_MS: u64 = 5_000;
 const CLUSTER: u64 = 0xc1;
+/// How long the test service takes to answer `slow`.
+const SLOW_MS: u64 = 30;
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_millis(TIMEOUT_MS)
@@ -38,6 +40,10 @@ fn service() -> Handler {
             }
             b"fail" => responder.fail(&Error::out_of_range("the queue is closed")),
             b"big" => responder.respond(b"", Some(BodySource::Bytes(Arc::new(vec![7; 1 << 20])))),
+            b"slow" => {
+                std::thread::sleep(Duration::from_millis(SLOW_MS));
+                responder.respond(b"late", None)
+            }
             b"panic" => panic!("test handler panics on purpose"),
             // Never answered while the test runs: the caller's deadline must fire.
             b"park" => {
@@ -107,6 +113,39 @@ fn handshakes() {
             _ => panic!("{name}: got {got:?}, want {want:?}"),
         }
     }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+#[test]
+fn callers_spin_only_through_short_calls() {
+    let s = server(None, Limits::default());
+    let c = client(None);
+    let peer = c.connect(s.local_addr().unwrap(), deadline()).unwrap();
+    for _ in 0..20 {
+        assert_eq!(call(&peer, b"echo", None).unwrap().0, b"echoed");
+    }
+    // After one slow call the connection's calls count as long: the caller sleeps through them.
+    assert_eq!(call(&peer, b"slow", None).unwrap().0, b"late");
+    let (cpu, wall) = (thread_cpu_time(), Instant::now());
+    const SLOW_CALLS: u32 = 8;
+    for _ in 0..SLOW_CALLS {
+        assert_eq!(call(&peer, b"slow", None).unwrap().0, b"late");
+    }
+    let (cpu, wall) = (thread_cpu_time() - cpu, wall.elapsed());
+    assert!(wall >= Duration::from_millis(SLOW_CALLS as u64 * SLOW_MS));
+    // Spinning through each would cost at least `CALL_SPIN` a call.
+    let spun = rill_transport::CALL_SPIN * SLOW_CALLS;
+    assert!(cpu < spun / 2, "the caller used {cpu:?} of CPU in {wall:?} of slow calls");
+    // A transport told never to spin answers all the same.
+    let still =
+        Transport::start(TransportOptions { call_spin: Duration::ZERO, ..opts("worker", None) }).unwrap();
+    let p2 = still.connect(s.local_addr().unwrap(), deadline()).unwrap();
+    assert_eq!(call(&p2, b"echo", Some(vec![9])).unwrap(), (b"echoed".to_vec(), Some(vec![9])));
 }
 
 #[test]

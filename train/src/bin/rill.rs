@@ -572,7 +572,7 @@ mod check {
             target: target_of(&r.cluster, &r.job, r.task_index)?,
             master_task: (r.job.clone(), r.task_index),
             cluster: r.cluster.clone(),
-            copts: ConnectOptions { secret: secret.clone() },
+            copts: ConnectOptions { secret: secret.clone(), ..Default::default() },
             secret,
             deadline: Instant::now() + Duration::from_millis(timeout_ms),
             timeout_ms,
@@ -879,7 +879,7 @@ mod check {
         wrong.extend_from_slice(b"-wrong");
         let mut codes = Vec::new();
         for (what, s) in [("wrong", Some(wrong)), ("none", None)] {
-            let copts = ConnectOptions { secret: s };
+            let copts = ConnectOptions { secret: s, ..Default::default() };
             match RemoteSession::connect_with(&ctx.target, &g, SessionOptions::default(), &copts) {
                 Err(e) if e.code == Code::Unauthenticated => codes.push(format!("{what}={:?}", e.code)),
                 Err(e) => return Err(e.context(format!("a client with {what} secret"))),
