@@ -234,7 +234,9 @@ impl Shared {
     /// Gives the loop a call's deadline; wakes it only when it sleeps past that deadline.
     fn add_timer(&self, at: Instant, timer: Timer) -> Result<()> {
         self.timer_inbox.lock().unwrap_or_else(|e| e.into_inner()).push((at, timer));
-        if self.nanos(at) < self.wake_at.load(Ordering::SeqCst) {
+        // An awake loop (`u64::MAX`) drains the inbox before it next sleeps: no wake-up needed.
+        let wake_at = self.wake_at.load(Ordering::SeqCst);
+        if wake_at != u64::MAX && self.nanos(at) < wake_at {
             self.waker.wake().map_err(|e| Error::internal(format!("waking the event loop: {e}")))?;
         }
         Ok(())
