@@ -617,23 +617,77 @@ impl fmt::Debug for Tensor {
     }
 }
 
-/// The serde form: dtype, dims, and either the raw element bytes or the strings.
-#[derive(Serialize, Deserialize)]
-struct TensorRepr {
+/// The serde form: dtype, dims, and either the raw element bytes or the strings. The element
+/// bytes go through `serialize_bytes` (one copy; postcard writes the same bytes as for a
+/// sequence of `u8`, so the wire format is that of a `Vec<u8>`).
+#[derive(Serialize)]
+struct TensorRepr<'a> {
     dtype: DType,
     shape: Shape,
-    bytes: Vec<u8>,
+    bytes: RawBytes<'a>,
+    strings: &'a [Vec<u8>],
+}
+
+#[derive(Deserialize)]
+struct TensorReprIn<'a> {
+    dtype: DType,
+    shape: Shape,
+    #[serde(borrow)]
+    bytes: RawBytes<'a>,
     strings: Vec<Vec<u8>>,
+}
+
+/// Element bytes, borrowed from the input where the format allows.
+struct RawBytes<'a>(std::borrow::Cow<'a, [u8]>);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawBytes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = RawBytes<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("tensor bytes")
+            }
+            fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> std::result::Result<Self::Value, E> {
+                Ok(RawBytes(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> std::result::Result<Self::Value, E> {
+                Ok(RawBytes(std::borrow::Cow::Owned(v.to_vec())))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> std::result::Result<Self::Value, E> {
+                Ok(RawBytes(std::borrow::Cow::Owned(v)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                // Formats without a bytes type; the length hint is not trusted for allocation.
+                let mut v = Vec::new();
+                while let Some(b) = a.next_element::<u8>()? {
+                    v.push(b);
+                }
+                Ok(RawBytes(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_bytes(V(std::marker::PhantomData))
+    }
 }
 
 impl Serialize for Tensor {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        let (bytes, strings) = match &self.data {
-            Data::Strings(v) => (Vec::new(), v.as_ref().clone()),
+        let (bytes, strings): (&[u8], &[Vec<u8>]) = match &self.data {
+            Data::Strings(v) => (&[], v.as_slice()),
             Data::Device(m) => return Err(S::Error::custom(format!("tensor lives on {}", m.device()))),
-            _ => (self.as_bytes().map_err(S::Error::custom)?.to_vec(), Vec::new()),
+            _ => (self.as_bytes().map_err(S::Error::custom)?, &[]),
         };
+        let bytes = RawBytes(std::borrow::Cow::Borrowed(bytes));
         TensorRepr { dtype: self.dtype, shape: self.shape, bytes, strings }.serialize(s)
     }
 }
@@ -641,7 +695,7 @@ impl Serialize for Tensor {
 impl<'de> Deserialize<'de> for Tensor {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         use serde::de::Error as _;
-        let r = TensorRepr::deserialize(d)?;
+        let r = TensorReprIn::deserialize(d)?;
         match r.dtype {
             DType::String | DType::Resource => {
                 if r.strings.len() != r.shape.num_elements() {
@@ -649,7 +703,7 @@ impl<'de> Deserialize<'de> for Tensor {
                 }
                 Ok(Tensor { dtype: r.dtype, shape: r.shape, data: Data::Strings(Arc::new(r.strings)) })
             }
-            dt => Tensor::from_bytes(dt, r.shape, &r.bytes).map_err(D::Error::custom),
+            dt => Tensor::from_bytes(dt, r.shape, &r.bytes.0).map_err(D::Error::custom),
         }
     }
 }
@@ -675,6 +729,34 @@ mod tests {
         fn drop(&mut self) {
             self.1.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    #[test]
+    fn the_serde_form_keeps_the_bytes_of_a_byte_vector() {
+        #[derive(Serialize)]
+        struct AsVec {
+            dtype: DType,
+            shape: Shape,
+            bytes: Vec<u8>,
+            strings: Vec<Vec<u8>>,
+        }
+        let t = Tensor::new([3usize], &[1f32, -2.0, 3.5]).unwrap();
+        let as_vec = AsVec {
+            dtype: t.dtype(),
+            shape: t.shape,
+            bytes: t.as_bytes().unwrap().to_vec(),
+            strings: vec![],
+        };
+        let enc = postcard::to_allocvec(&t).unwrap();
+        assert_eq!(enc, postcard::to_allocvec(&as_vec).unwrap());
+        let back: Tensor = postcard::from_bytes(&enc).unwrap();
+        assert_eq!(back.as_slice::<f32>().unwrap(), &[1.0, -2.0, 3.5]);
+        let s = Tensor::from_strings(Shape::vector(2), vec![b"ab".to_vec(), vec![]]).unwrap();
+        let back: Tensor = postcard::from_bytes(&postcard::to_allocvec(&s).unwrap()).unwrap();
+        assert_eq!(back.strings().unwrap(), s.strings().unwrap());
+        // Bytes that do not fill the shape are refused.
+        let short = AsVec { bytes: vec![0; 11], ..as_vec };
+        assert!(postcard::from_bytes::<Tensor>(&postcard::to_allocvec(&short).unwrap()).is_err());
     }
 
     #[test]
