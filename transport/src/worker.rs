@@ -164,6 +164,9 @@ pub fn task_error(job: &str, task: u32, e: Error) -> Error {
 
 type TimerFn = Box<dyn FnOnce() + Send>;
 
+/// Timer heap size past which entries of cancelled deadlines are pruned.
+const TIMER_HEAP_PRUNE_LEN: usize = 65536;
+
 /// One thread that runs callbacks at deadlines (step timeouts), so no step needs a waiting thread.
 pub struct Timer {
     state:
@@ -224,7 +227,14 @@ impl Timer {
     }
 
     pub fn cancel(&self, id: u64) {
-        lock(&self.state.0).1.remove(&id);
+        let mut g = lock(&self.state.0);
+        g.1.remove(&id);
+        // Cancelled deadlines stay in the heap until they pass (a step's deadline may be far
+        // off): past a bound, keep only the live ones.
+        if g.0.len() > TIMER_HEAP_PRUNE_LEN && g.0.len() > 2 * g.1.len() {
+            let (heap, live, _) = &mut *g;
+            heap.retain(|r| live.contains_key(&r.0 .1));
+        }
     }
 }
 
@@ -826,4 +836,28 @@ pub fn handle_worker(
         other => return Some((other, body, responder)),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancelled_deadlines_do_not_pile_up_and_live_ones_fire() {
+        let t = Timer::new("rill-timer-test");
+        let (tx, rx) = std::sync::mpsc::channel();
+        t.schedule(
+            Instant::now() + Duration::from_millis(50),
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+        );
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..3 * TIMER_HEAP_PRUNE_LEN {
+            let id = t.schedule(far, Box::new(|| {}));
+            t.cancel(id);
+        }
+        assert!(lock(&t.state.0).0.len() <= TIMER_HEAP_PRUNE_LEN + 1);
+        rx.recv_timeout(Duration::from_secs(10)).expect("the live deadline fires");
+    }
 }
