@@ -66,6 +66,9 @@ pub struct Executor {
     /// When every kernel is cheap and synchronous, the nodes in dependency order: such a step
     /// runs as a straight line on the calling thread, with no counters and no hand-offs.
     straight: Option<Vec<u32>>,
+    /// The device computes in host memory: only then may an I/O thread run its nodes (a copy to
+    /// or from device memory may wait for the device).
+    host: bool,
     /// Slot buffers of finished straight-line steps, reused so a step allocates nothing.
     spare_slots: Mutex<Vec<Vec<Option<Value>>>>,
 }
@@ -157,6 +160,7 @@ impl Executor {
             .iter()
             .all(|it| matches!(it.kernel, Kernel::Sync { expensive: false, .. }))
             .then(|| topological_order(&items, &roots, &pending_init));
+        let host = device.device_type() == "CPU";
         Ok(Executor {
             items,
             num_slots: num_slots as usize,
@@ -164,6 +168,7 @@ impl Executor {
             pending_init,
             device,
             straight,
+            host,
             spare_slots: Mutex::new(Vec::new()),
         })
     }
@@ -332,11 +337,15 @@ struct AsyncCall {
 
 impl State {
     /// Whether ready node `n` runs on this thread: cheap ones do, except that an I/O thread
-    /// leaves large inputs and asynchronous kernels that may block to the pool.
+    /// leaves large inputs, asynchronous kernels that may block and devices other than the
+    /// host's to the pool.
     fn runs_here(&self, n: u32, io: bool) -> bool {
         let item = &self.exec.items[n as usize];
         if !item.inline || !io {
             return item.inline;
+        }
+        if !self.exec.host {
+            return false;
         }
         match &item.kernel {
             Kernel::Async(k) => k.starts_without_blocking(),
