@@ -125,7 +125,9 @@ impl<O: WithLearningRate> AsyncReplicasOptimizer<O> {
         let (read, staleness, keep, factor) = g.colocate_with(gs, |g| {
             let read = g.identity_named(&format!("{name}/global_step_read"), gs);
             let ready = g.group(&format!("{name}/staleness_gradients_ready"), &grads);
-            let now = g.with_control_dependencies(&[ready], |g| {
+            // After `read` too: a thread that sent the parameters may be preempted before it
+            // reads the step, and then read it after another worker's update (staleness -1).
+            let now = g.with_control_dependencies(&[ready, read], |g| {
                 g.identity_named(&format!("{name}/global_step_at_apply"), gs)
             });
             let staleness = g.sub(now, read);

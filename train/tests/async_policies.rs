@@ -318,3 +318,15 @@ fn a_train_op_waits_for_each_ps_task_through_one_edge() {
     assert_eq!(deps.len(), 1);
     assert_eq!(g.node(deps[0]).op, "AssignAdd");
 }
+
+#[test]
+fn the_apply_time_read_of_the_step_waits_for_the_start_read() {
+    // A thread that sent the parameters can be preempted before it reads the global step; the
+    // apply-time read must still come after it, or another worker's update in between would
+    // make the staleness negative.
+    let (g, t) = tiny(AsyncPolicy::default(), true);
+    let staleness = g.node(t.ops.staleness.node);
+    let now = staleness.inputs[0].node;
+    assert_eq!(staleness.inputs[1], t.ops.global_step_read);
+    assert!(g.node(now).control_inputs.contains(&t.ops.global_step_read.node), "{:?}", g.node(now));
+}
