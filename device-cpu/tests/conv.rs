@@ -253,6 +253,11 @@ fn fixed_shapes_match_direct_loops() {
         // im2col blocks and row blocks split over threads (patch 400, 40 columns)
         case([1, 40, 40, 16], [5, 5], 9, [1, 1], true),
         case([2, 23, 31, 13], [4, 3], 17, [2, 1], true),
+        // pooling windows that tile the input (2×2, stride 2), even and odd sizes, and over
+        // several row blocks
+        case([2, 8, 6, 3], [2, 2], 2, [2, 2], true),
+        case([1, 7, 5, 2], [2, 2], 2, [2, 2], true),
+        case([2, 40, 40, 16], [2, 2], 3, [2, 2], true),
     ];
     let mut rng = Rng(0x5eed);
     for c in &cases {
