@@ -181,6 +181,9 @@ impl Outbox {
     /// Sends a frame from the calling thread: queued, and written at once when nothing was queued
     /// before it. A frame over the queue bound is replaced by an `Error` frame for `call_id`.
     /// Returns whether the loop must take over (bytes remain queued, or the write failed).
+    /// With `flush_now` false the frame only joins the queue (the event loop, writing it, flushes
+    /// its connections when it is done with its events).
+    #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
         frame: OutFrame,
@@ -189,6 +192,7 @@ impl Outbox {
         limits: &FrameLimits,
         queue_size_max: u64,
         sent: &AtomicU64,
+        flush_now: bool,
     ) -> bool {
         let mut g = self.lock();
         if g.closed {
@@ -203,7 +207,7 @@ impl Outbox {
                 let _ = g.enqueue(f, FrameKind::Error, u64::MAX);
             }
         }
-        if !was_empty {
+        if !was_empty || !flush_now {
             // Whoever queued the bytes ahead of these has the loop writing them.
             return false;
         }
@@ -233,7 +237,8 @@ pub enum Called {
 impl Outbox {
     /// Sends a request from the calling thread: numbers it (`next_id`, under this connection's
     /// lock, so ids increase in the order requests are written), records the pending call, and
-    /// writes it at once when nothing is queued before it.
+    /// writes it at once when nothing is queued before it (and `flush_now`, as for `send`).
+    #[allow(clippy::too_many_arguments)]
     pub fn call(
         &self,
         mut frame: OutFrame,
@@ -242,6 +247,7 @@ impl Outbox {
         calls_in_flight_max: usize,
         queue_size_max: u64,
         sent: &AtomicU64,
+        flush_now: bool,
     ) -> Called {
         let mut g = self.lock();
         if g.closed {
@@ -260,7 +266,7 @@ impl Outbox {
             return Called::Refused(e);
         }
         g.pending.insert(call_id, pending);
-        if !was_empty {
+        if !was_empty || !flush_now {
             return Called::Sent { call_id, more: false };
         }
         let more = match g.flush() {

@@ -7,7 +7,8 @@
 //! destination buffers. Writes go through each connection's `Outbox`: a thread sending a request or
 //! an answer while nothing is queued writes it itself (a hand-off to the loop costs a wake-up on
 //! each side); the loop writes what the socket did not take, keeping write interest only while
-//! bytes are queued. Deadlines (calls, handshakes) sit in a timer heap that bounds each `poll`.
+//! bytes are queued. Frames the loop itself produces while handling events are written together
+//! once it is done with them (one gather write per peer). Deadlines (calls, handshakes) sit in a timer heap that bounds each `poll`.
 
 use crate::body_pool::BodyPool;
 use crate::conn::{CallDone, Called, Conn, ConnectDone, Outbox, PendingCall, Phase, Response};
@@ -68,6 +69,30 @@ const BODY_RCVLOWAT: usize = 1 << 20;
 const EVENTS_LEN_MAX: usize = 1024;
 /// Timer heap size past which entries for finished calls are pruned.
 const TIMERS_LEN_PRUNE: usize = 65536;
+
+thread_local! {
+    /// On an event-loop thread: which transport's loop it is (its `Shared`), and the connections
+    /// it wrote frames to while handling its events. The loop flushes them when it is done, so
+    /// the frames a batch of events produced for one peer leave in one gather write (on
+    /// loopback, one packet and one wake-up of the peer instead of one per frame).
+    static CORK: std::cell::RefCell<(usize, Vec<Token>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+}
+
+/// Whether this thread is the loop of the transport `shared` belongs to; if so, notes `token`
+/// for the loop's flush and the caller only queues its frame.
+fn cork(shared: &Arc<Shared>, token: Token) -> bool {
+    let me = Arc::as_ptr(shared) as usize;
+    CORK.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != me {
+            return false;
+        }
+        if !c.1.contains(&token) {
+            c.1.push(token);
+        }
+        true
+    })
+}
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -473,6 +498,7 @@ impl PeerHandle {
         };
         let deadline = pending.deadline;
         let limits = &self.shared.limits;
+        let corked = cork(&self.shared, self.token);
         match self.out.call(
             frame,
             pending,
@@ -480,6 +506,7 @@ impl PeerHandle {
             limits.calls_in_flight_max,
             limits.write_queue_size_max,
             &self.shared.bytes_sent,
+            !corked,
         ) {
             Called::Refused(e) => Err(Error::new(e.code, format!("call to {}: {}", self.name(), e.msg))),
             Called::Sent { call_id, more } => {
@@ -585,6 +612,7 @@ impl Responder {
     /// the loop; the loop is woken only when bytes remain or the write failed.
     fn send(&self, frame: OutFrame, kind: FrameKind) -> Result<()> {
         let limits = &self.shared.limits;
+        let corked = cork(&self.shared, self.token);
         let more = self.out.send(
             frame,
             kind,
@@ -592,6 +620,7 @@ impl Responder {
             &limits.frame,
             limits.write_queue_size_max,
             &self.shared.bytes_sent,
+            !corked,
         );
         if more {
             self.shared.submit(Command::Flush { token: self.token })?;
@@ -723,6 +752,7 @@ struct Loop {
 
 impl Loop {
     fn run(&mut self) {
+        CORK.with(|c| c.borrow_mut().0 = Arc::as_ptr(&self.shared) as usize);
         let mut events = Events::with_capacity(EVENTS_LEN_MAX);
         // Connections that hit their read budget and must be read again without a new event.
         let mut again: Vec<Token> = Vec::new();
@@ -772,7 +802,9 @@ impl Loop {
             // Commands may arrive between a wake and its event; a cheap check keeps latency low.
             self.drain_commands();
             self.fire_timers();
+            self.flush_corked();
         }
+        CORK.with(|c| *c.borrow_mut() = (0, Vec::new()));
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
             self.close(t, Error::unavailable("the transport is shutting down"));
@@ -911,6 +943,22 @@ impl Loop {
 
     /// Reads and writes one connection; returns whether it stopped on its read budget.
     /// Writes are attempted whenever the queue is non-empty, so writability needs no branch here.
+    /// Writes the frames this loop's own handlers and callbacks queued while it handled its
+    /// events (see `CORK`); writing may fail calls, whose callbacks may queue more.
+    fn flush_corked(&mut self) {
+        loop {
+            let tokens = CORK.with(|c| std::mem::take(&mut c.borrow_mut().1));
+            if tokens.is_empty() {
+                return;
+            }
+            for t in tokens {
+                if let Some(conn) = self.conns.remove(&t) {
+                    self.finish_io(t, conn);
+                }
+            }
+        }
+    }
+
     fn conn_io(&mut self, token: Token, readable: bool) -> bool {
         let Some(mut conn) = self.conns.remove(&token) else { return false };
         let mut more = false;
