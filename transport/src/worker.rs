@@ -90,10 +90,17 @@ impl Peers {
         lock(&self.conns).get(&(job.to_string(), task)).cloned()
     }
 
-    /// The connection to a task, connecting (with a deadline) when there is none.
+    /// The connection to a task, connecting (with a deadline) when there is none; on an event-loop
+    /// thread a missing connection is `Unavailable` at once.
     pub fn ensure(&self, job: &str, task: u32) -> Result<PeerHandle> {
         if let Some(p) = self.get(job, task) {
             return Ok(p);
+        }
+        if rill_graph::executor::on_io_thread() {
+            // Dialling waits for a handshake only an event loop can finish: never on one.
+            return Err(Error::unavailable(format!(
+                "/job:{job}/task:{task} is not connected (the next step connects again)"
+            )));
         }
         let t = self.transport.get().ok_or_else(|| Error::unavailable("transport not started"))?;
         let addr_s = self.cluster.task_address(job, task)?;
@@ -841,6 +848,19 @@ pub fn handle_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_loop_thread_never_dials() {
+        let peers = Peers::new(ClusterSpec::parse("ps=127.0.0.1:9").unwrap());
+        let e = std::thread::spawn(move || {
+            rill_graph::executor::mark_io_thread();
+            peers.ensure("ps", 0).unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(e.code, rill_graph::Code::Unavailable);
+        assert!(e.msg.contains("not connected"), "{e}");
+    }
 
     #[test]
     fn cancelled_deadlines_do_not_pile_up_and_live_ones_fire() {
