@@ -1,6 +1,9 @@
-//! `cargo xtask bench [--peer [DIR]] [--only NAME]`: runs rill's benchmark programs, collects their
-//! `RESULT name = value unit` lines and, with `--peer`, runs the TensorFlow peer scripts of the
-//! same workloads in the same run and prints rill beside TensorFlow with the ratio.
+//! `cargo xtask bench [--peer [DIR]] [--only NAME] [--rounds N]`: runs rill's benchmark programs,
+//! collects their `RESULT name = value unit` lines and, with `--peer`, runs the TensorFlow peer
+//! scripts of the same workloads in the same run and prints rill beside TensorFlow with the
+//! ratio. With `--rounds N` each program and its peers run N times, alternately, and the table
+//! gives the medians and the spread of the per-round ratios (on a shared machine one run of
+//! either side can be disturbed).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -169,6 +172,7 @@ fn run_capture(mut c: Command, what: &str) -> Result<String, String> {
 pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Result<(), String> {
     let mut peer_dir: Option<PathBuf> = None;
     let mut only: Option<String> = None;
+    let mut rounds = 1usize;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -186,6 +190,14 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
                 only = args.get(i + 1).cloned();
                 i += 1;
             }
+            "--rounds" => {
+                rounds = args
+                    .get(i + 1)
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| (1..=ROUNDS_MAX).contains(&n))
+                    .ok_or_else(|| format!("--rounds takes a number from 1 to {ROUNDS_MAX}"))?;
+                i += 1;
+            }
             a => return Err(format!("unknown bench option {a}")),
         }
         i += 1;
@@ -193,57 +205,129 @@ pub fn bench(root: &Path, cargo: &dyn Fn() -> Command, args: &[String]) -> Resul
     let mut build = cargo();
     build.args(["build", "--release", "-p", "rill-tests", "-p", "rill-queues", "--examples"]);
     crate::step("build benchmarks", build)?;
-    let mut ours = BTreeMap::new();
-    let mut theirs = BTreeMap::new();
+    let mut ours: Vec<Results> = vec![BTreeMap::new(); rounds];
+    let mut theirs: Vec<Results> = vec![BTreeMap::new(); rounds];
     let py = peer_python();
     for p in PROGRAMS.iter().filter(|p| only.as_deref().is_none_or(|o| o == p.name)) {
-        let mut c = cargo();
-        c.args(["run", "--quiet", "--release", "-p", p.package, "--example", p.example, "--"]).args(p.args);
-        for (name, value) in parse_results(&run_capture(c, p.name)?) {
-            if ours.contains_key(&name) {
-                eprintln!("warning: two programs print {name}; the table keeps the later one");
+        for round in 0..rounds {
+            if rounds > 1 {
+                println!("# {} round {} of {rounds}", p.name, round + 1);
             }
-            ours.insert(name, value);
-        }
-        for (script, sargs) in p.peers.iter().filter(|_| peer_dir.is_some()) {
-            let dir = peer_dir.as_deref().unwrap_or(root);
-            match &py {
-                Some(py) => {
-                    // Peer scripts of this repository (no peer script upstream) are named from
-                    // the workspace root; the others live in the peer folder.
-                    let own = root.join(script);
-                    let mut c = Command::new(py);
-                    c.current_dir(dir).arg(if own.exists() { own } else { dir.join(script) }).args(*sargs);
-                    // The peer scripts need the real OpenBLAS kernel selection, as their README says.
-                    c.env_remove("OPENBLAS_CORETYPE").env_remove("OPENBLAS_L2_SIZE");
-                    theirs.extend(parse_results(&run_capture(c, &format!("peer {script}"))?));
+            let mut c = cargo();
+            c.args(["run", "--quiet", "--release", "-p", p.package, "--example", p.example, "--"])
+                .args(p.args);
+            for (name, value) in parse_results(&run_capture(c, p.name)?) {
+                if ours[round].contains_key(&name) {
+                    eprintln!("warning: two programs print {name}; the table keeps the later one");
                 }
-                None => eprintln!(
-                    "skipping peer {script}: no Python with TensorFlow (set RILL_PEER_PY or create ~/.rill-peer, see {})",
-                    dir.join("README.md").display()
-                ),
+                ours[round].insert(name, value);
+            }
+            for (script, sargs) in p.peers.iter().filter(|_| peer_dir.is_some()) {
+                let dir = peer_dir.as_deref().unwrap_or(root);
+                match &py {
+                    Some(py) => {
+                        // Peer scripts of this repository (no peer script upstream) are named
+                        // from the workspace root; the others live in the peer folder.
+                        let own = root.join(script);
+                        let mut c = Command::new(py);
+                        c.current_dir(dir).arg(if own.exists() { own } else { dir.join(script) }).args(*sargs);
+                        // The peer scripts need the real OpenBLAS kernel selection, as their README says.
+                        c.env_remove("OPENBLAS_CORETYPE").env_remove("OPENBLAS_L2_SIZE");
+                        theirs[round].extend(parse_results(&run_capture(c, &format!("peer {script}"))?));
+                    }
+                    None => eprintln!(
+                        "skipping peer {script}: no Python with TensorFlow (set RILL_PEER_PY or create ~/.rill-peer, see {})",
+                        dir.join("README.md").display()
+                    ),
+                }
             }
         }
     }
-    if !theirs.is_empty() {
+    if theirs.iter().any(|t| !t.is_empty()) {
         println!("\n{:<45} {:>14} {:>14} {:>10}  unit", "workload", "rill", "peer", "rill/peer");
         for (ours_name, their_name, higher_better) in PAIRS {
-            if let (Some((a, unit)), Some((b, _))) = (ours.get(*ours_name), theirs.get(*their_name)) {
-                let ratio = a / b;
-                let note = if *higher_better { "higher is better" } else { "lower is better" };
-                println!(
-                    "{ours_name:<45} {a:>14.3} {b:>14.3} {ratio:>10.3}  {unit} ({note}; vs {})",
-                    peer_label(their_name)
-                );
-            }
+            let mut unit = "";
+            let pairs: Vec<(f64, f64)> = ours
+                .iter()
+                .zip(&theirs)
+                .filter_map(|(o, t)| {
+                    let (a, u) = o.get(*ours_name)?;
+                    unit = u;
+                    Some((*a, t.get(*their_name)?.0))
+                })
+                .collect();
+            let Some(s) = Summary::of(&pairs) else { continue };
+            let note = if *higher_better { "higher is better" } else { "lower is better" };
+            let spread = if pairs.len() > 1 {
+                format!("; ratios {:.3}–{:.3} over {} rounds", s.ratio_lo, s.ratio_hi, pairs.len())
+            } else {
+                String::new()
+            };
+            println!(
+                "{ours_name:<45} {:>14.3} {:>14.3} {:>10.3}  {unit} ({note}; vs {}{spread})",
+                s.ours,
+                s.theirs,
+                s.ratio,
+                peer_label(their_name)
+            );
         }
     }
     Ok(())
 }
 
+/// At most this many rounds (each runs every chosen program and its peers).
+const ROUNDS_MAX: usize = 20;
+
+type Results = BTreeMap<String, (f64, String)>;
+
+/// Medians over rounds of (rill, peer) figures measured side by side, and of their ratios.
+#[derive(Debug, PartialEq)]
+struct Summary {
+    ours: f64,
+    theirs: f64,
+    ratio: f64,
+    ratio_lo: f64,
+    ratio_hi: f64,
+}
+
+impl Summary {
+    fn of(pairs: &[(f64, f64)]) -> Option<Summary> {
+        let median = |mut v: Vec<f64>| -> Option<f64> {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            match n {
+                0 => None,
+                _ if n % 2 == 1 => Some(v[n / 2]),
+                _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+            }
+        };
+        let ratios: Vec<f64> = pairs.iter().map(|(a, b)| a / b).collect();
+        Some(Summary {
+            ours: median(pairs.iter().map(|p| p.0).collect())?,
+            theirs: median(pairs.iter().map(|p| p.1).collect())?,
+            ratio: median(ratios.clone())?,
+            ratio_lo: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratio_hi: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_results;
+    use super::{parse_results, Summary};
+
+    #[test]
+    fn rounds_give_medians_and_the_spread_of_per_round_ratios() {
+        assert_eq!(Summary::of(&[]), None);
+        let one = Summary::of(&[(3.0, 1.0)]).unwrap();
+        assert_eq!((one.ours, one.theirs, one.ratio, one.ratio_lo, one.ratio_hi), (3.0, 1.0, 3.0, 3.0, 3.0));
+        // The ratio is the median of the rounds' ratios, not the ratio of the medians.
+        let s = Summary::of(&[(700.0, 200.0), (500.0, 250.0), (720.0, 240.0)]).unwrap();
+        assert_eq!((s.ours, s.theirs), (700.0, 240.0));
+        assert_eq!((s.ratio, s.ratio_lo, s.ratio_hi), (3.0, 2.0, 3.5));
+        let even = Summary::of(&[(2.0, 1.0), (4.0, 1.0)]).unwrap();
+        assert_eq!((even.ours, even.ratio), (3.0, 3.0));
+    }
 
     #[test]
     fn parses_peer_and_rill_lines() {

@@ -7,7 +7,7 @@
 //! - `cargo xtask cluster-test [--only a,b] [--release] [--netns] [--cluster-file F | --from-env]
 //!   [--secret-file F]`: a deployment's acceptance test on local clusters of `rill` processes (or
 //!   the client-side checks against a cluster the user started), printed as a table.
-//! - `cargo xtask bench [--peer [DIR]] [--only NAME]`: benchmark programs, beside TensorFlow's.
+//! - `cargo xtask bench [--peer [DIR]] [--only NAME] [--rounds N]`: benchmark programs, beside TensorFlow's.
 //! - `cargo xtask gpu-check [--build-only DIR]`: the one script for a machine with a GPU ("no GPU"
 //!   is a failure); `--build-only` makes a bundle for a GPU machine without cargo (`DIR/run.sh`).
 //! - `cargo xtask ptx`: regenerates the committed PTX from `device-cuda/cuda/*.cu`.
