@@ -229,6 +229,15 @@ impl Master {
             })
     }
 
+    fn cached_plan(
+        s: &MasterSession,
+        feeds: &[Output],
+        fetches: &[Output],
+        targets: &[NodeId],
+    ) -> Option<Arc<Plan>> {
+        lock(&s.plans).get(&(feeds.to_vec(), fetches.to_vec(), targets.to_vec())).cloned()
+    }
+
     fn plan(
         &self,
         s: &MasterSession,
@@ -236,9 +245,8 @@ impl Master {
         fetches: &[Output],
         targets: &[NodeId],
     ) -> Result<Arc<Plan>> {
-        let key = (feeds.to_vec(), fetches.to_vec(), targets.to_vec());
-        if let Some(p) = lock(&s.plans).get(&key) {
-            return Ok(p.clone());
+        if let Some(p) = Self::cached_plan(s, feeds, fetches, targets) {
+            return Ok(p);
         }
         let client = self.client_device(s);
         let sg = {
@@ -291,7 +299,7 @@ impl Master {
             out.push(TaskPart { job, task, local, graph, args });
         }
         let plan = Arc::new(Plan { parts: out, feed_types: sg.feed_types, num_fetches: fetches.len() });
-        lock(&s.plans).insert(key, plan.clone());
+        lock(&s.plans).insert((feeds.to_vec(), fetches.to_vec(), targets.to_vec()), plan.clone());
         Ok(plan)
     }
 
@@ -331,8 +339,7 @@ impl Master {
         targets: &[NodeId],
     ) -> bool {
         let Ok(s) = self.session(id) else { return false };
-        let key = (feeds.to_vec(), fetches.to_vec(), targets.to_vec());
-        let Some(plan) = lock(&s.plans).get(&key).cloned() else { return false };
+        let Some(plan) = Self::cached_plan(&s, feeds, fetches, targets) else { return false };
         plan.parts.iter().all(|p| {
             if p.local {
                 self.worker.starts_without_dialling(p.graph)

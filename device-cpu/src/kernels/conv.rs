@@ -570,20 +570,30 @@ fn max_pool<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], out: &mut [T]) {
 
 /// Routes each gradient to the maximum of its window, split over blocks of input rows; each
 /// block recomputes the maxima of windows it shares with its neighbours. Writes all of `dx`.
+/// Windows that do not overlap (2×2 with stride 2, say) put every input in at most one window:
+/// each is then written once, with its window's gradient where it is the maximum and zero
+/// elsewhere (no accumulation, and no zero-fill first when the windows tile the input).
 fn max_pool_grad<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx: &mut [T]) {
-    if g.k_h <= g.stride_h && g.k_w <= g.stride_w {
-        return max_pool_grad_disjoint(pool, g, x, dy, dx);
-    }
     let (c, in_row) = (g.in_c, g.in_w * g.in_c);
+    let disjoint = g.k_h <= g.stride_h && g.k_w <= g.stride_w;
+    let tiled = g.k_h == g.stride_h
+        && g.k_w == g.stride_w
+        && g.pad_top == 0
+        && g.pad_left == 0
+        && g.out_h * g.k_h >= g.in_h
+        && g.out_w * g.k_w >= g.in_w;
+    // Half types add up in f32 on the side when windows overlap: rounding after each of the
+    // gradients routed to one input would drift.
+    let half_acc = !disjoint && matches!(T::DTYPE, DType::F16 | DType::BF16);
     let row_cost = g.out_row() * g.k_h * g.k_w * g.out_h / g.in_h.max(1);
     for_image_rows(pool, dx, g.in_h, in_row, row_cost, |n, in_rows, dst| {
         let image = &x[n * g.in_image()..][..g.in_image()];
         let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
-        dst.fill(T::store(T::A::ZERO));
-        // Half types add up in f32 on the side: overlapping windows route several gradients to
-        // one input, and rounding after each would drift.
-        let half = matches!(T::DTYPE, DType::F16 | DType::BF16);
-        let mut acc = if half { vec![T::A::ZERO; dst.len()] } else { Vec::new() };
+        let zero = T::store(T::A::ZERO);
+        if !tiled {
+            dst.fill(zero);
+        }
+        let mut acc = if half_acc { vec![T::A::ZERO; dst.len()] } else { Vec::new() };
         let (mut best, mut at, mut positions) = (vec![T::A::LOWEST; c], vec![0u32; c], Vec::new());
         let first = in_rows.start * g.in_w;
         for oh in g.out_rows_touching(in_rows.clone()) {
@@ -594,11 +604,22 @@ fn max_pool_grad<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx
                 }
                 window_argmax::<T>(image, c, &positions, &mut best, &mut at);
                 let grad = &dy[(oh * g.out_w + ow) * c..][..c];
+                if disjoint {
+                    for (j, &(ih, pos)) in positions.iter().enumerate() {
+                        if in_rows.contains(&ih) {
+                            let out = &mut dst[(pos - first) * c..][..c];
+                            for ((d, &a), &gr) in out.iter_mut().zip(&at).zip(grad) {
+                                *d = if a == j as u32 { gr } else { zero };
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for (ch, (&j, &gr)) in at.iter().zip(grad).enumerate() {
                     let (ih, pos) = positions[j as usize];
                     if in_rows.contains(&ih) {
                         let i = (pos - first) * c + ch;
-                        if half {
+                        if half_acc {
                             acc[i] = acc[i].add(gr.load());
                         } else {
                             dst[i] = T::store(dst[i].load().add(gr.load()));
@@ -607,53 +628,9 @@ fn max_pool_grad<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx
                 }
             }
         }
-        if half {
+        if half_acc {
             for (d, &s) in dst.iter_mut().zip(&acc) {
                 *d = T::store(s);
-            }
-        }
-    });
-}
-
-/// `max_pool_grad` for windows that do not overlap (2×2 windows with stride 2, say): every input
-/// lies in at most one window, so each is written once, with its window's gradient where it is
-/// the maximum and zero elsewhere: no accumulation, and no zero-fill first when the windows
-/// tile the whole input.
-fn max_pool_grad_disjoint<T: Num>(pool: &dyn IntraOpPool, g: &Geom, x: &[T], dy: &[T], dx: &mut [T]) {
-    let (c, in_row) = (g.in_c, g.in_w * g.in_c);
-    let tiled = g.k_h == g.stride_h
-        && g.k_w == g.stride_w
-        && g.pad_top == 0
-        && g.pad_left == 0
-        && g.out_h * g.k_h >= g.in_h
-        && g.out_w * g.k_w >= g.in_w;
-    let row_cost = g.out_row() * g.k_h * g.k_w * g.out_h / g.in_h.max(1);
-    for_image_rows(pool, dx, g.in_h, in_row, row_cost, |n, in_rows, dst| {
-        let image = &x[n * g.in_image()..][..g.in_image()];
-        let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
-        if !tiled {
-            dst.fill(T::store(T::A::ZERO));
-        }
-        let zero = T::store(T::A::ZERO);
-        let (mut best, mut at, mut positions) = (vec![T::A::LOWEST; c], vec![0u32; c], Vec::new());
-        let first = in_rows.start * g.in_w;
-        for oh in g.out_rows_touching(in_rows.clone()) {
-            for ow in 0..g.out_w {
-                window_positions(g, oh, ow, &mut positions);
-                if positions.is_empty() {
-                    continue;
-                }
-                window_argmax::<T>(image, c, &positions, &mut best, &mut at);
-                let grad = &dy[(oh * g.out_w + ow) * c..][..c];
-                for (j, &(ih, pos)) in positions.iter().enumerate() {
-                    if !in_rows.contains(&ih) {
-                        continue;
-                    }
-                    let out = &mut dst[(pos - first) * c..][..c];
-                    for ((d, &a), &gr) in out.iter_mut().zip(&at).zip(grad) {
-                        *d = if a == j as u32 { gr } else { zero };
-                    }
-                }
             }
         }
     });
