@@ -258,6 +258,15 @@ fn fixed_shapes_match_direct_loops() {
         case([2, 8, 6, 3], [2, 2], 2, [2, 2], true),
         case([1, 7, 5, 2], [2, 2], 2, [2, 2], true),
         case([2, 40, 40, 16], [2, 2], 3, [2, 2], true),
+        // depths from 8 up: convolutions that read patches in place (the input gradient too at
+        // stride 1), with output depths around the 16-wide tile and a last tile of positions
+        // that is partly empty
+        case([2, 9, 7, 8], [3, 3], 20, [1, 1], true),
+        case([1, 8, 10, 11], [4, 2], 8, [1, 1], false),
+        case([1, 6, 7, 8], [2, 4], 12, [1, 1], true),
+        case([2, 11, 9, 9], [3, 3], 10, [2, 2], true),
+        case([1, 5, 5, 8], [1, 1], 33, [1, 1], true),
+        case([3, 14, 14, 32], [5, 5], 16, [1, 1], true),
     ];
     let mut rng = Rng(0x5eed);
     for c in &cases {
@@ -277,9 +286,9 @@ fn random_shapes_match_direct_loops() {
         let k = [rng.int(1, 5), rng.int(1, 5)];
         let (h, w) = (rng.int(k[0], 11), rng.int(k[1], 11));
         let c = case(
-            [rng.int(1, 3), h, w, rng.int(1, 7)],
+            [rng.int(1, 3), h, w, rng.int(1, 12)],
             k,
-            rng.int(1, 9),
+            rng.int(1, 12),
             [rng.int(1, 3), rng.int(1, 3)],
             same,
         );

@@ -2,7 +2,7 @@
 //! output rows into a scratch buffer and multiply it with the blocked GEMM of `matmul.rs`, in
 //! parallel over batch × row blocks; f16 and bf16 are computed in f32.
 
-use super::matmul::{gemm_serial, widen, Operand};
+use super::matmul::{gemm_serial, pack_panel, tile_from_runs, widen, Operand, TILE_COLS, TILE_ROWS};
 use super::{int_vector, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
 use rill_graph::half::{bf16, f16};
@@ -18,6 +18,10 @@ use std::ops::Range;
 const SCRATCH_ELEMENTS: usize = 128 * 1024;
 /// Multiply-adds below which a block of rows is not worth handing to another thread.
 const PARALLEL_MIN_COST: usize = 256 * 1024;
+/// Input depth from which f32 convolutions multiply input pixels in place (`conv2d_direct`):
+/// with shorter runs, switching to the next run of every row costs more than the im2col copy
+/// it saves.
+const DIRECT_MIN_DEPTH: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Padding {
@@ -157,6 +161,20 @@ impl Geom {
         let lo = (rows.start + self.pad_top + 1).saturating_sub(self.k_h).div_ceil(self.stride_h);
         let hi = (rows.end + self.pad_top).div_ceil(self.stride_h).min(self.out_h);
         lo.min(hi)..hi
+    }
+
+    /// Where the window of output position `p` (counted over the whole batch, row-major) starts
+    /// in the input: the image's offset and the (possibly negative) input row and column of
+    /// window element (0, 0).
+    fn window_origin(&self, p: usize) -> (usize, isize, isize) {
+        let per_image = self.out_h * self.out_w;
+        let (n, q) = (p / per_image, p % per_image);
+        let (oh, ow) = (q / self.out_w, q % self.out_w);
+        (
+            n * self.in_image(),
+            (oh * self.stride_h) as isize - self.pad_top as isize,
+            (ow * self.stride_w) as isize - self.pad_left as isize,
+        )
     }
 
     /// Output rows per im2col block.
@@ -349,6 +367,106 @@ fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &
     }
 }
 
+/// `out = conv2d(x, filter)` in f32 with no im2col: the filter is packed once into slivers of
+/// `TILE_COLS` output channels, and each tile of `TILE_ROWS` output positions reads its patches
+/// straight from the input as `k_h·k_w` runs of `in_c` floats (a shared zero run stands for
+/// padding). Tiles are split over the pool; every element of `out` is written.
+fn conv2d_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], filter: &[f32], out: &mut [f32]) {
+    let (k, c, oc) = (g.patch_len(), g.in_c, g.out_c);
+    let mut packed = vec![0f32; oc.div_ceil(TILE_COLS) * TILE_COLS * k];
+    pack_panel(filter, k, oc, &mut packed);
+    let zeros = vec![0f32; c];
+    let simd = super::matmul::simd();
+    let tiles = (g.batch * g.out_h * g.out_w).div_ceil(TILE_ROWS);
+    let per = chunk_len(pool, tiles, PARALLEL_MIN_COST.div_ceil(TILE_ROWS * k * oc).max(1));
+    parallel_chunks_mut(pool, out, per * TILE_ROWS * oc, |off, chunk| {
+        let mut runs: Vec<[&[f32]; TILE_ROWS]> = vec![[&zeros[..]; TILE_ROWS]; g.k_h * g.k_w];
+        for (t, dst) in chunk.chunks_mut(TILE_ROWS * oc).enumerate() {
+            let (p0, rows) = (off / oc + t * TILE_ROWS, dst.len() / oc);
+            for r in 0..TILE_ROWS {
+                let origin = (r < rows).then(|| g.window_origin(p0 + r));
+                for (s, seg) in runs.iter_mut().enumerate() {
+                    seg[r] = match origin {
+                        Some((image, ih, iw)) => {
+                            let (ih, iw) = (ih + (s / g.k_w) as isize, iw + (s % g.k_w) as isize);
+                            if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
+                                &zeros
+                            } else {
+                                &x[image + (ih as usize * g.in_w + iw as usize) * c..][..c]
+                            }
+                        }
+                        None => &zeros,
+                    };
+                }
+            }
+            for (j, b) in packed.chunks_exact(TILE_COLS * k).enumerate() {
+                let tile = tile_from_runs(simd, &runs, c, b);
+                let cols = TILE_COLS.min(oc - j * TILE_COLS);
+                for (r, row) in tile.iter().enumerate().take(rows) {
+                    dst[r * oc + j * TILE_COLS..][..cols].copy_from_slice(&row[..cols]);
+                }
+            }
+        }
+    });
+}
+
+/// `dx` of a stride-1 convolution as a forward one: the gradient is `dy` convolved with the
+/// filter turned by 180° and with its depths swapped, padded by `k − 1 − pad` on top and left.
+fn conv2d_backprop_input_direct(
+    pool: &dyn IntraOpPool,
+    g: &Geom,
+    filter: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+) {
+    let (kh, kw, ci, co) = (g.k_h, g.k_w, g.in_c, g.out_c);
+    let mut turned = vec![0f32; filter.len()];
+    for (i, window) in filter.chunks_exact(ci * co).enumerate() {
+        let (a, b) = (i / kw, i % kw);
+        let dst = &mut turned[((kh - 1 - a) * kw + (kw - 1 - b)) * co * ci..][..co * ci];
+        for (c_in, row) in window.chunks_exact(co).enumerate() {
+            for (c_out, &v) in row.iter().enumerate() {
+                dst[c_out * ci + c_in] = v;
+            }
+        }
+    }
+    let t = Geom {
+        in_h: g.out_h,
+        in_w: g.out_w,
+        in_c: co,
+        out_c: ci,
+        out_h: g.in_h,
+        out_w: g.in_w,
+        pad_top: kh - 1 - g.pad_top,
+        pad_left: kw - 1 - g.pad_left,
+        ..*g
+    };
+    conv2d_direct(pool, &t, dy, &turned, dx)
+}
+
+/// Runs `op` in f32 without im2col where that applies (f32 elements, deep enough runs, stride 1
+/// for the input gradient); false when the caller must take the im2col path.
+fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) -> bool {
+    if E::DTYPE != DType::F32 || g.patch_len() == 0 {
+        return false;
+    }
+    let (a, b) = (bytemuck::cast_slice::<E, f32>(a), bytemuck::cast_slice::<E, f32>(b));
+    let out = bytemuck::cast_slice_mut::<E, f32>(out);
+    match op {
+        ConvOp::Forward if g.in_c >= DIRECT_MIN_DEPTH => conv2d_direct(pool, g, a, b, out),
+        ConvOp::BackpropInput
+            if g.out_c >= DIRECT_MIN_DEPTH
+                && (g.stride_h, g.stride_w) == (1, 1)
+                && g.pad_top < g.k_h
+                && g.pad_left < g.k_w =>
+        {
+            conv2d_backprop_input_direct(pool, g, a, b, out)
+        }
+        _ => return false,
+    }
+    true
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum ConvOp {
     /// `Conv2D(input, filter)`.
@@ -361,6 +479,9 @@ enum ConvOp {
 
 impl ConvOp {
     fn run<E: Num + Arith>(self, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) {
+        if run_direct(self, pool, g, a, b, out) {
+            return;
+        }
         match self {
             ConvOp::Forward => conv2d(pool, g, a, b, out),
             ConvOp::BackpropInput => conv2d_backprop_input(pool, g, a, b, out),

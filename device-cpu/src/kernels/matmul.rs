@@ -169,6 +169,49 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
     }
 }
 
+/// Rows of the tile `tile_from_runs` computes.
+pub(crate) const TILE_ROWS: usize = MR;
+/// Columns of that tile: the width of one sliver of `pack_panel`.
+pub(crate) const TILE_COLS: usize = NR;
+
+/// Whether the vector micro-kernels run on this CPU (a flag for `tile_from_runs`).
+pub(crate) fn simd() -> bool {
+    has_avx2_fma()
+}
+
+/// Packs all of a row-major `k`×`n` matrix into `TILE_COLS`-column slivers, each `k` deep and
+/// zero-padded past column `n`, one after another in `buf` (`k`·`n` rounded up to slivers).
+pub(crate) fn pack_panel(b: &[f32], k: usize, n: usize, buf: &mut [f32]) {
+    pack_b(&Operand::new(b, n, false), 0, k, 0, n, buf)
+}
+
+/// One `TILE_ROWS`×`TILE_COLS` tile of A × B over the whole depth, with row `r` of A given in
+/// runs of `run` floats: `runs[s][r]` is depth `s·run..(s+1)·run` of that row. `b` is one sliver
+/// of `pack_panel`, `runs.len()·run` deep. Convolutions pass input pixels (or zeros for padding)
+/// as runs, so a patch is multiplied where it lies, with no im2col copy.
+#[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
+pub(crate) fn tile_from_runs(simd: bool, runs: &[[&[f32]; MR]], run: usize, b: &[f32]) -> [[f32; NR]; MR] {
+    debug_assert_eq!(b.len(), runs.len() * run * NR);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+        return unsafe { avx2::micro_runs(runs, run, b) };
+    }
+    let _ = simd;
+    let mut acc = [[0f32; NR]; MR];
+    for (rows, bs) in runs.iter().zip(b.chunks_exact((run * NR).max(1))) {
+        for (p, bv) in bs.chunks_exact(NR).enumerate() {
+            for (acc_row, row) in acc.iter_mut().zip(rows) {
+                let x = row[p];
+                for (a, &y) in acc_row.iter_mut().zip(bv) {
+                    *a += x * y;
+                }
+            }
+        }
+    }
+    acc
+}
+
 /// One `MR`×`NR` tile of packed A times packed B over the slivers' depth (portable fallback).
 #[inline(always)]
 fn micro_portable(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
@@ -323,6 +366,38 @@ mod avx2 {
             }
         }
         acc
+    }
+
+    /// `super::tile_from_runs` on AVX2: the loop of `micro`, with each row's broadcasts read from
+    /// its own run instead of an interleaved sliver.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn micro_runs(runs: &[[&[f32]; MR]], run: usize, b: &[f32]) -> [[f32; NR]; MR] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (rows, bs) in runs.iter().zip(b.chunks_exact((run * NR).max(1))) {
+            // A loop, not `array::from_fn`: its closure would not inline into this function.
+            let mut own: [&[f32]; MR] = [&[]; MR];
+            for (o, row) in own.iter_mut().zip(rows) {
+                *o = &row[..run];
+            }
+            let rows = own;
+            for (p, bv) in (0..run).zip(bs.chunks_exact(NR)) {
+                let (b0, b1) = bv.split_at(8);
+                let b0 = load8(b0.try_into().expect("8 floats"));
+                let b1 = load8(b1.try_into().expect("8 floats"));
+                for r in 0..MR {
+                    let x = _mm256_set1_ps(rows[r][p]);
+                    acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+                }
+            }
+        }
+        let mut t = [[0f32; NR]; MR];
+        for (tr, acc_row) in t.iter_mut().zip(&acc) {
+            let (lo, hi) = tr.split_at_mut(8);
+            store8(lo.try_into().expect("8 floats"), acc_row[0]);
+            store8(hi.try_into().expect("8 floats"), acc_row[1]);
+        }
+        t
     }
 
     /// The macro-kernel: every tile of one packed A block times one packed B block, B sliver by
@@ -825,6 +900,43 @@ mod tests {
             let mut got = vec![-1f32; NR * kc];
             interleave_b(&mut got, &srcs);
             assert_eq!(got, want, "depth {kc}");
+        }
+    }
+
+    /// `tile_from_runs` on both paths against the plain sum, runs of the vector width and around
+    /// it, with a zero run standing in for padding.
+    #[test]
+    fn tiles_from_runs_match_the_plain_product() {
+        let zeros = [0f32; 40];
+        for (run, segments) in [(1, 3), (7, 2), (8, 5), (9, 1), (33, 4)] {
+            let depth = run * segments;
+            let rows: Vec<Vec<f32>> =
+                (0..MR).map(|r| (0..depth).map(|p| ((r * 31 + p * 7) % 13) as f32 - 6.0).collect()).collect();
+            let b: Vec<f32> = (0..depth * NR).map(|i| ((i * 5) % 11) as f32 * 0.25 - 1.0).collect();
+            // Row 2's second run is padding.
+            let runs: Vec<[&[f32]; MR]> = (0..segments)
+                .map(|s| {
+                    std::array::from_fn(|r| {
+                        if r == 2 && s == 1 {
+                            &zeros[..run]
+                        } else {
+                            &rows[r][s * run..(s + 1) * run]
+                        }
+                    })
+                })
+                .collect();
+            let mut want = [[0f32; NR]; MR];
+            for (r, w) in want.iter_mut().enumerate() {
+                for (p, bv) in b.chunks_exact(NR).enumerate() {
+                    let x = if r == 2 && p / run == 1 { 0.0 } else { rows[r][p] };
+                    for (c, v) in w.iter_mut().enumerate() {
+                        *v += x * bv[c];
+                    }
+                }
+            }
+            for simd in [false, has_avx2_fma()] {
+                assert_eq!(tile_from_runs(simd, &runs, run, &b), want, "run {run} simd {simd}");
+            }
         }
     }
 
