@@ -267,6 +267,11 @@ fn fixed_shapes_match_direct_loops() {
         case([2, 11, 9, 9], [3, 3], 10, [2, 2], true),
         case([1, 5, 5, 8], [1, 1], 33, [1, 1], true),
         case([3, 14, 14, 32], [5, 5], 16, [1, 1], true),
+        // input depth in whole 16-channel tiles: the filter gradient reads pixels in place too
+        case([2, 9, 8, 16], [3, 2], 7, [1, 2], false),
+        case([1, 7, 6, 16], [4, 4], 13, [2, 1], true),
+        // no output channels: empty outputs, a zero filter gradient
+        case([1, 4, 4, 16], [3, 3], 0, [1, 1], true),
     ];
     let mut rng = Rng(0x5eed);
     for c in &cases {

@@ -212,6 +212,37 @@ pub(crate) fn tile_from_runs(simd: bool, runs: &[[&[f32]; MR]], run: usize, b: &
     acc
 }
 
+/// Packs the transpose of a row-major `depth`×`m` matrix (`m` = its row length) into
+/// `TILE_ROWS`-row slivers, `depth` deep and zero-padded past row `m`, for `tile_from_gathered`.
+pub(crate) fn pack_transposed(a: &[f32], m: usize, buf: &mut [f32]) {
+    let depth = a.len() / m.max(1);
+    pack_a(&Operand::new(a, m, true), 0, m, 0, depth, buf)
+}
+
+/// One `TILE_ROWS`×`TILE_COLS` tile of A × B where `a` is one sliver of `pack_transposed` and
+/// B's row `p` is `b[p][off..off + TILE_COLS]`: each depth step's B row is gathered from where it
+/// lies (the filter gradient of a convolution reads input pixels this way).
+#[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
+pub(crate) fn tile_from_gathered(simd: bool, a: &[f32], b: &[&[f32]], off: usize) -> [[f32; NR]; MR] {
+    debug_assert_eq!(a.len(), b.len() * MR);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+        return unsafe { avx2::micro_gathered(a, b, off) };
+    }
+    let _ = simd;
+    let mut acc = [[0f32; NR]; MR];
+    for (av, row) in a.chunks_exact(MR).zip(b) {
+        let bv = &row[off..off + NR];
+        for (acc_row, &x) in acc.iter_mut().zip(av) {
+            for (v, &y) in acc_row.iter_mut().zip(bv) {
+                *v += x * y;
+            }
+        }
+    }
+    acc
+}
+
 /// One `MR`×`NR` tile of packed A times packed B over the slivers' depth (portable fallback).
 #[inline(always)]
 fn micro_portable(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
@@ -391,8 +422,33 @@ mod avx2 {
                 }
             }
         }
+        tile_out(&acc)
+    }
+
+    /// `super::tile_from_gathered` on AVX2: the loop of `micro`, each depth step's two B vectors
+    /// loaded from that step's own row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn micro_gathered(a: &[f32], b: &[&[f32]], off: usize) -> [[f32; NR]; MR] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (av, row) in a.chunks_exact(MR).zip(b) {
+            let (b0, b1) = row[off..off + NR].split_at(8);
+            let b0 = load8(b0.try_into().expect("8 floats"));
+            let b1 = load8(b1.try_into().expect("8 floats"));
+            for r in 0..MR {
+                let x = _mm256_set1_ps(av[r]);
+                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+            }
+        }
+        tile_out(&acc)
+    }
+
+    /// The accumulators of a tile as floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn tile_out(acc: &[[__m256; 2]; MR]) -> [[f32; NR]; MR] {
         let mut t = [[0f32; NR]; MR];
-        for (tr, acc_row) in t.iter_mut().zip(&acc) {
+        for (tr, acc_row) in t.iter_mut().zip(acc) {
             let (lo, hi) = tr.split_at_mut(8);
             store8(lo.try_into().expect("8 floats"), acc_row[0]);
             store8(hi.try_into().expect("8 floats"), acc_row[1]);
@@ -437,13 +493,7 @@ mod avx2 {
                         store8(hi, x1);
                     }
                 } else {
-                    let mut t = [[0f32; NR]; MR];
-                    for (tr, acc_row) in t.iter_mut().zip(&acc) {
-                        let (lo, hi) = tr.split_at_mut(8);
-                        store8(lo.try_into().expect("8 floats"), acc_row[0]);
-                        store8(hi.try_into().expect("8 floats"), acc_row[1]);
-                    }
-                    merge_tile(&t, c, ldc, rows, cols, accumulate);
+                    merge_tile(&tile_out(&acc), c, ldc, rows, cols, accumulate);
                 }
             }
         }
@@ -936,6 +986,33 @@ mod tests {
             }
             for simd in [false, has_avx2_fma()] {
                 assert_eq!(tile_from_runs(simd, &runs, run, &b), want, "run {run} simd {simd}");
+            }
+        }
+    }
+
+    /// `tile_from_gathered` on both paths against the plain sum: B rows gathered at an offset
+    /// from separate slices, one of them shared zeros, A packed by `pack_transposed` from fewer
+    /// rows than a sliver holds.
+    #[test]
+    fn gathered_tiles_match_the_plain_product() {
+        let zeros = [0f32; 40];
+        for (depth, m) in [(1, 6), (5, 4), (17, 6)] {
+            let at: Vec<f32> = (0..depth * m).map(|i| ((i * 7) % 9) as f32 - 4.0).collect();
+            let mut a = vec![f32::NAN; depth * MR];
+            pack_transposed(&at, m, &mut a);
+            let rows: Vec<Vec<f32>> =
+                (0..depth).map(|p| (0..40).map(|j| ((p * 3 + j * 5) % 7) as f32 * 0.5).collect()).collect();
+            let b: Vec<&[f32]> = (0..depth).map(|p| if p == 2 { &zeros[..] } else { &rows[p][..] }).collect();
+            let mut want = [[0f32; NR]; MR];
+            for (r, w) in want.iter_mut().enumerate().take(m) {
+                for p in 0..depth {
+                    for (c, v) in w.iter_mut().enumerate() {
+                        *v += at[p * m + r] * b[p][8 + c];
+                    }
+                }
+            }
+            for simd in [false, has_avx2_fma()] {
+                assert_eq!(tile_from_gathered(simd, &a, &b, 8), want, "depth {depth} rows {m} simd {simd}");
             }
         }
     }
