@@ -376,39 +376,53 @@ fn conv2d_backprop_filter<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &
 }
 
 /// `out = conv2d(x, filter)` in f32 with no im2col: the filter is packed once into slivers of
-/// `TILE_COLS` output channels, and each tile of `TILE_ROWS` output positions reads its patches
-/// straight from the input as `k_h·k_w` runs of `in_c` floats (a shared zero run stands for
-/// padding). Tiles are split over the pool; every element of `out` is written.
+/// `TILE_COLS` output channels, and each tile of `TILE_ROWS` output positions hands the
+/// micro-kernel its patches as runs read where they lie. From `DIRECT_MIN_DEPTH` input channels
+/// on a run is one pixel (`in_c` floats, a shared zero run over padding); shallower inputs are
+/// first copied into a zero-bordered image so that a whole window row (`k_w·in_c` floats) is one
+/// run. Tiles are split over the pool; every element of `out` is written.
 fn conv2d_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], filter: &[f32], out: &mut [f32]) {
     let (k, c, oc) = (g.patch_len(), g.in_c, g.out_c);
+    let positions = g.batch * g.out_h * g.out_w;
+    if positions == 0 {
+        return;
+    }
     let mut packed = vec![0f32; oc.div_ceil(TILE_COLS) * TILE_COLS * k];
     pack_panel(filter, k, oc, &mut packed);
-    let zeros = vec![0f32; c];
+    let bordered = (c < DIRECT_MIN_DEPTH).then(|| Bordered::new(g, x));
+    let (segs, run) = if bordered.is_some() { (g.k_h, g.k_w * c) } else { (g.k_h * g.k_w, c) };
+    let zeros = vec![0f32; run];
     let simd = super::matmul::simd();
-    let tiles = (g.batch * g.out_h * g.out_w).div_ceil(TILE_ROWS);
+    let tiles = positions.div_ceil(TILE_ROWS);
     let per = chunk_len(pool, tiles, PARALLEL_MIN_COST.div_ceil(TILE_ROWS * k * oc).max(1));
     parallel_chunks_mut(pool, out, per * TILE_ROWS * oc, |off, chunk| {
-        let mut runs: Vec<[&[f32]; TILE_ROWS]> = vec![[&zeros[..]; TILE_ROWS]; g.k_h * g.k_w];
+        let mut runs: Vec<[&[f32]; TILE_ROWS]> = vec![[&zeros[..]; TILE_ROWS]; segs];
         for (t, dst) in chunk.chunks_mut(TILE_ROWS * oc).enumerate() {
             let (p0, rows) = (off / oc + t * TILE_ROWS, dst.len() / oc);
             for r in 0..TILE_ROWS {
-                let origin = (r < rows).then(|| g.window_origin(p0 + r));
+                if r >= rows {
+                    runs.iter_mut().for_each(|seg| seg[r] = &zeros);
+                    continue;
+                }
+                if let Some(b) = &bordered {
+                    let at = b.window_at(g, p0 + r);
+                    for (kh, seg) in runs.iter_mut().enumerate() {
+                        seg[r] = &b.data[at + kh * b.w * c..][..run];
+                    }
+                    continue;
+                }
+                let (image, ih, iw) = g.window_origin(p0 + r);
                 for (s, seg) in runs.iter_mut().enumerate() {
-                    seg[r] = match origin {
-                        Some((image, ih, iw)) => {
-                            let (ih, iw) = (ih + (s / g.k_w) as isize, iw + (s % g.k_w) as isize);
-                            if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
-                                &zeros
-                            } else {
-                                &x[image + (ih as usize * g.in_w + iw as usize) * c..][..c]
-                            }
-                        }
-                        None => &zeros,
+                    let (ih, iw) = (ih + (s / g.k_w) as isize, iw + (s % g.k_w) as isize);
+                    seg[r] = if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
+                        &zeros
+                    } else {
+                        &x[image + (ih as usize * g.in_w + iw as usize) * c..][..c]
                     };
                 }
             }
             for (j, b) in packed.chunks_exact(TILE_COLS * k).enumerate() {
-                let tile = tile_from_runs(simd, &runs, c, b);
+                let tile = tile_from_runs(simd, &runs, run, b);
                 let cols = TILE_COLS.min(oc - j * TILE_COLS);
                 for (r, row) in tile.iter().enumerate().take(rows) {
                     dst[r * oc + j * TILE_COLS..][..cols].copy_from_slice(&row[..cols]);
@@ -416,6 +430,41 @@ fn conv2d_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], filter: &[f32], ou
             }
         }
     });
+}
+
+/// The input of a convolution with at least one output position, copied into images bordered
+/// by zeros wide enough that every window lies inside: the padding before, and after as far as
+/// the last window reaches.
+struct Bordered {
+    data: Vec<f32>,
+    h: usize,
+    w: usize,
+}
+
+impl Bordered {
+    fn new(g: &Geom, x: &[f32]) -> Bordered {
+        let h = (g.out_h - 1) * g.stride_h + g.k_h;
+        let w = (g.out_w - 1) * g.stride_w + g.k_w;
+        let mut data = vec![0f32; g.batch * h * w * g.in_c];
+        // VALID windows may leave the last rows and columns of the input unread.
+        let cols = g.in_w.min(w - g.pad_left);
+        for (n, image) in x.chunks_exact(g.in_image()).enumerate() {
+            for (ih, src) in image.chunks_exact(g.in_w * g.in_c).enumerate().take(h - g.pad_top) {
+                let at = ((n * h + ih + g.pad_top) * w + g.pad_left) * g.in_c;
+                data[at..at + cols * g.in_c].copy_from_slice(&src[..cols * g.in_c]);
+            }
+        }
+        Bordered { data, h, w }
+    }
+
+    /// Where the window of output position `p` starts in `data`; its row `kh` is the
+    /// `k_w·in_c` floats from `kh·w·in_c` further on.
+    fn window_at(&self, g: &Geom, p: usize) -> usize {
+        let per_image = g.out_h * g.out_w;
+        let (n, q) = (p / per_image, p % per_image);
+        let (oh, ow) = (q / g.out_w, q % g.out_w);
+        ((n * self.h + oh * g.stride_h) * self.w + ow * g.stride_w) * g.in_c
+    }
 }
 
 /// `dx` of a stride-1 convolution as a forward one: the gradient is `dy` convolved with the
@@ -524,7 +573,7 @@ fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: 
     let (a, b) = (bytemuck::cast_slice::<E, f32>(a), bytemuck::cast_slice::<E, f32>(b));
     let out = bytemuck::cast_slice_mut::<E, f32>(out);
     match op {
-        ConvOp::Forward if g.in_c >= DIRECT_MIN_DEPTH => conv2d_direct(pool, g, a, b, out),
+        ConvOp::Forward => conv2d_direct(pool, g, a, b, out),
         ConvOp::BackpropInput
             if g.out_c >= DIRECT_MIN_DEPTH
                 && (g.stride_h, g.stride_w) == (1, 1)
