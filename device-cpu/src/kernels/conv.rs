@@ -21,9 +21,9 @@ use std::ops::Range;
 const SCRATCH_ELEMENTS: usize = 128 * 1024;
 /// Multiply-adds below which a block of rows is not worth handing to another thread.
 const PARALLEL_MIN_COST: usize = 256 * 1024;
-/// Input depth from which f32 convolutions multiply input pixels in place (`conv2d_direct`):
-/// with shorter runs, switching to the next run of every row costs more than the im2col copy
-/// it saves.
+/// Input depth from which `conv2d_direct` reads each pixel as one run where it lies; shallower
+/// inputs are first copied into zero-bordered images so that a whole window row is one run
+/// (runs of so few floats would switch rows more often than they multiply).
 const DIRECT_MIN_DEPTH: usize = 8;
 /// Output positions per depth block of the direct filter gradient: a window element's gathered
 /// input runs (one cache line per position, 32 KiB) stay in L1/L2 while every tile of output
@@ -563,9 +563,9 @@ fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy
     }
 }
 
-/// Runs `op` in f32 without im2col where that applies (f32 elements, deep enough runs, stride 1
-/// for the input gradient, input depths in whole tiles for the filter gradient); false when the
-/// caller must take the im2col path.
+/// Runs `op` in f32 without im2col where that applies (f32 elements; stride 1 for the input
+/// gradient, input depths in whole tiles for the filter gradient); false when the caller must
+/// take the im2col path.
 fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) -> bool {
     if E::DTYPE != DType::F32 || g.patch_len() == 0 || g.out_c == 0 {
         return false;
@@ -575,10 +575,7 @@ fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: 
     match op {
         ConvOp::Forward => conv2d_direct(pool, g, a, b, out),
         ConvOp::BackpropInput
-            if g.out_c >= DIRECT_MIN_DEPTH
-                && (g.stride_h, g.stride_w) == (1, 1)
-                && g.pad_top < g.k_h
-                && g.pad_left < g.k_w =>
+            if (g.stride_h, g.stride_w) == (1, 1) && g.pad_top < g.k_h && g.pad_left < g.k_w =>
         {
             conv2d_backprop_input_direct(pool, g, a, b, out)
         }
