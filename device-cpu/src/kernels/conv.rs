@@ -563,19 +563,25 @@ fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy
     }
 }
 
-/// Runs `op` in f32 without im2col where that applies (f32 elements; stride 1 for the input
-/// gradient, input depths in whole tiles for the filter gradient); false when the caller must
-/// take the im2col path.
+/// Runs `op` in f32 without im2col where that applies (f32 elements and at least half a tile of
+/// output channels; stride 1 for the input gradient, input depths in whole tiles for the filter
+/// gradient); false when the caller must take the im2col path.
 fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) -> bool {
     if E::DTYPE != DType::F32 || g.patch_len() == 0 || g.out_c == 0 {
         return false;
     }
     let (a, b) = (bytemuck::cast_slice::<E, f32>(a), bytemuck::cast_slice::<E, f32>(b));
     let out = bytemuck::cast_slice_mut::<E, f32>(out);
+    // A direct convolution computes `TILE_COLS` output channels per tile: with fewer than half
+    // of them real, im2col and the GEMM waste less.
+    let fills_tiles = |channels: usize| 2 * channels >= TILE_COLS;
     match op {
-        ConvOp::Forward => conv2d_direct(pool, g, a, b, out),
+        ConvOp::Forward if fills_tiles(g.out_c) => conv2d_direct(pool, g, a, b, out),
         ConvOp::BackpropInput
-            if (g.stride_h, g.stride_w) == (1, 1) && g.pad_top < g.k_h && g.pad_left < g.k_w =>
+            if fills_tiles(g.in_c)
+                && (g.stride_h, g.stride_w) == (1, 1)
+                && g.pad_top < g.k_h
+                && g.pad_left < g.k_w =>
         {
             conv2d_backprop_input_direct(pool, g, a, b, out)
         }
