@@ -387,16 +387,23 @@ mod avx2 {
     fn micro(a: &[f32], b: &[f32]) -> [[__m256; 2]; MR] {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-            let (b0, b1) = bv.split_at(8);
-            let b0 = load8(b0.try_into().expect("8 floats"));
-            let b1 = load8(b1.try_into().expect("8 floats"));
-            for r in 0..MR {
-                let x = _mm256_set1_ps(av[r]);
-                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
-            }
+            step(&mut acc, av.try_into().expect("MR floats"), bv);
         }
         acc
+    }
+
+    /// One depth step of a tile: `acc[r] += x[r] · b` for the `NR` floats of `b`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn step(acc: &mut [[__m256; 2]; MR], x: [f32; MR], b: &[f32]) {
+        let (b0, b1) = b[..NR].split_at(8);
+        let b0 = load8(b0.try_into().expect("8 floats"));
+        let b1 = load8(b1.try_into().expect("8 floats"));
+        for (acc_row, x) in acc.iter_mut().zip(x) {
+            let x = _mm256_set1_ps(x);
+            acc_row[0] = _mm256_fmadd_ps(x, b0, acc_row[0]);
+            acc_row[1] = _mm256_fmadd_ps(x, b1, acc_row[1]);
+        }
     }
 
     /// `super::tile_from_runs` on AVX2: the loop of `micro`, with each row's broadcasts read from
@@ -412,14 +419,7 @@ mod avx2 {
             }
             let rows = own;
             for (p, bv) in (0..run).zip(bs.chunks_exact(NR)) {
-                let (b0, b1) = bv.split_at(8);
-                let b0 = load8(b0.try_into().expect("8 floats"));
-                let b1 = load8(b1.try_into().expect("8 floats"));
-                for r in 0..MR {
-                    let x = _mm256_set1_ps(rows[r][p]);
-                    acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
-                }
+                step(&mut acc, [rows[0][p], rows[1][p], rows[2][p], rows[3][p], rows[4][p], rows[5][p]], bv);
             }
         }
         tile_out(&acc)
@@ -431,14 +431,7 @@ mod avx2 {
     pub(super) fn micro_gathered(a: &[f32], b: &[&[f32]], off: usize) -> [[f32; NR]; MR] {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for (av, row) in a.chunks_exact(MR).zip(b) {
-            let (b0, b1) = row[off..off + NR].split_at(8);
-            let b0 = load8(b0.try_into().expect("8 floats"));
-            let b1 = load8(b1.try_into().expect("8 floats"));
-            for r in 0..MR {
-                let x = _mm256_set1_ps(av[r]);
-                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
-            }
+            step(&mut acc, av.try_into().expect("MR floats"), &row[off..off + NR]);
         }
         tile_out(&acc)
     }
