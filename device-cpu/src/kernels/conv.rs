@@ -509,13 +509,9 @@ fn conv2d_backprop_input_direct(
 /// order, so the result does not depend on scheduling. Every element of `df` is written.
 fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy: &[f32], df: &mut [f32]) {
     let (k, c, oc, segs) = (g.patch_len(), g.in_c, g.out_c, g.k_h * g.k_w);
-    let (ocp, total) = (oc.div_ceil(TILE_ROWS) * TILE_ROWS, g.batch * g.out_h * g.out_w);
+    let ocp = oc.div_ceil(TILE_ROWS) * TILE_ROWS;
     let (simd, zeros) = (super::matmul::simd(), vec![0f32; c]);
-    let per = total.div_ceil(pool.num_threads().max(1)).max(PARALLEL_MIN_COST.div_ceil(k * oc)).max(1);
-    let mut partials = vec![0f32; total.div_ceil(per) * ocp * k];
-    parallel_chunks_mut(pool, &mut partials, ocp * k, |off, acc| {
-        let first = off / (ocp * k) * per;
-        let positions = first..(first + per).min(total);
+    let partials = per_thread_sums(pool, g, ocp * k, |positions, acc| {
         let mut packed = vec![0f32; ocp * FILTER_GRAD_BLOCK];
         let mut runs: Vec<&[f32]> = Vec::with_capacity(segs * FILTER_GRAD_BLOCK);
         let mut origins = Vec::with_capacity(FILTER_GRAD_BLOCK);
@@ -563,6 +559,90 @@ fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy
     }
 }
 
+/// Splits the output positions over the pool, one share per thread, and runs `share` on each
+/// with a zeroed partial sum of `len` floats; the partial sums come back in order, so adding them
+/// up in that order gives a result that does not depend on scheduling.
+fn per_thread_sums(
+    pool: &dyn IntraOpPool,
+    g: &Geom,
+    len: usize,
+    share: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let total = g.batch * g.out_h * g.out_w;
+    let per = total
+        .div_ceil(pool.num_threads().max(1))
+        .max(PARALLEL_MIN_COST.div_ceil(g.patch_len() * g.out_c))
+        .max(1);
+    let mut partials = vec![0f32; total.div_ceil(per) * len];
+    parallel_chunks_mut(pool, &mut partials, len.max(1), |off, acc| {
+        let first = off / len.max(1) * per;
+        share(first..(first + per).min(total), acc);
+    });
+    partials
+}
+
+/// The filter gradient of inputs whose depth is not in whole tiles (shallow ones above all):
+/// the input is copied into zero-bordered images once; for each block of positions their patches
+/// are packed into `TILE_ROWS`-element slivers straight from there (each patch element a fixed
+/// offset from its window's start) and multiplied with `dy`'s rows where they lie. One partial sum
+/// per thread, added in order. Every element of `df` is written.
+fn conv2d_backprop_filter_bordered(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy: &[f32], df: &mut [f32]) {
+    let (k, c, oc) = (g.patch_len(), g.in_c, g.out_c);
+    let (kp, ocw) = (k.div_ceil(TILE_ROWS) * TILE_ROWS, oc.div_ceil(TILE_COLS) * TILE_COLS);
+    let simd = super::matmul::simd();
+    let bordered = Bordered::new(g, x);
+    let row = g.k_w * c;
+    let offsets: Vec<usize> = (0..k).map(|kk| kk / row * bordered.w * c + kk % row).collect();
+    let partials = per_thread_sums(pool, g, kp * oc, |positions, acc| {
+        let mut packed = vec![0f32; kp * FILTER_GRAD_BLOCK];
+        // `dy`'s rows widened to whole tiles, so a tile's 16 columns never run past a row.
+        let mut wide = vec![0f32; ocw * FILTER_GRAD_BLOCK];
+        let mut starts = Vec::with_capacity(FILTER_GRAD_BLOCK);
+        for p0 in positions.clone().step_by(FILTER_GRAD_BLOCK) {
+            let n = FILTER_GRAD_BLOCK.min(positions.end - p0);
+            let packed = &mut packed[..kp * n];
+            starts.clear();
+            starts.extend((p0..p0 + n).map(|p| bordered.window_at(g, p)));
+            // Sliver by sliver, so each position's `TILE_ROWS` elements are written together.
+            for (t, sliver) in packed.chunks_exact_mut(TILE_ROWS * n).enumerate() {
+                let mut offs = [usize::MAX; TILE_ROWS];
+                for (r, o) in offs.iter_mut().enumerate() {
+                    if let Some(&at) = offsets.get(t * TILE_ROWS + r) {
+                        *o = at;
+                    }
+                }
+                for (dst, &start) in sliver.chunks_exact_mut(TILE_ROWS).zip(&starts) {
+                    for (d, &o) in dst.iter_mut().zip(&offs) {
+                        *d = if o == usize::MAX { 0.0 } else { bordered.data[start + o] };
+                    }
+                }
+            }
+            for (dst, src) in wide.chunks_exact_mut(ocw).zip(dy[p0 * oc..(p0 + n) * oc].chunks_exact(oc)) {
+                dst[..oc].copy_from_slice(src);
+            }
+            let rows: Vec<&[f32]> = wide.chunks_exact(ocw).take(n).collect();
+            for (t, a) in packed.chunks_exact(TILE_ROWS * n).enumerate() {
+                for co0 in (0..oc).step_by(TILE_COLS) {
+                    let tile = tile_from_gathered(simd, a, &rows, co0);
+                    let cols = TILE_COLS.min(oc - co0);
+                    for (r, trow) in tile.iter().enumerate() {
+                        let dst = &mut acc[(t * TILE_ROWS + r) * oc + co0..][..cols];
+                        for (d, v) in dst.iter_mut().zip(trow) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    df.fill(0.0);
+    for part in partials.chunks_exact(kp * oc) {
+        for (d, &v) in df.iter_mut().zip(&part[..k * oc]) {
+            *d += v;
+        }
+    }
+}
+
 /// Runs `op` in f32 without im2col where that applies (f32 elements and at least half a tile of
 /// output channels; stride 1 for the input gradient, input depths in whole tiles for the filter
 /// gradient); false when the caller must take the im2col path.
@@ -587,6 +667,9 @@ fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: 
         }
         ConvOp::BackpropFilter if g.in_c.is_multiple_of(TILE_COLS) => {
             conv2d_backprop_filter_direct(pool, g, a, b, out)
+        }
+        ConvOp::BackpropFilter if g.out_h * g.out_w > 0 => {
+            conv2d_backprop_filter_bordered(pool, g, a, b, out)
         }
         _ => return false,
     }
