@@ -581,7 +581,7 @@ fn per_thread_sums(
     partials
 }
 
-/// The filter gradient of inputs whose depth is not in whole tiles (shallow ones above all):
+/// The filter gradient of shallow inputs (fewer than `DIRECT_MIN_DEPTH` channels):
 /// the input is copied into zero-bordered images once; for each block of positions their patches
 /// are packed into `TILE_ROWS`-element slivers straight from there (each patch element a fixed
 /// offset from its window's start) and multiplied with `dy`'s rows where they lie. One partial sum
@@ -644,8 +644,8 @@ fn conv2d_backprop_filter_bordered(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], 
 }
 
 /// Runs `op` in f32 without im2col where that applies (f32 elements and at least half a tile of
-/// output channels; stride 1 for the input gradient, input depths in whole tiles for the filter
-/// gradient); false when the caller must take the im2col path.
+/// output channels; stride 1 for the input gradient, input depths in whole tiles or shallow ones
+/// for the filter gradient); false when the caller must take the im2col path.
 fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) -> bool {
     if E::DTYPE != DType::F32 || g.patch_len() == 0 || g.out_c == 0 {
         return false;
@@ -668,7 +668,8 @@ fn run_direct<E: Num>(op: ConvOp, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: 
         ConvOp::BackpropFilter if g.in_c.is_multiple_of(TILE_COLS) => {
             conv2d_backprop_filter_direct(pool, g, a, b, out)
         }
-        ConvOp::BackpropFilter if g.out_h * g.out_w > 0 => {
+        // The packed block holds `patch_len` floats per position: only for shallow inputs.
+        ConvOp::BackpropFilter if g.in_c < DIRECT_MIN_DEPTH && g.out_h * g.out_w > 0 => {
             conv2d_backprop_filter_bordered(pool, g, a, b, out)
         }
         _ => return false,
