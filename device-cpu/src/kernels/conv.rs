@@ -175,14 +175,38 @@ impl Geom {
     /// in the input: the image's offset and the (possibly negative) input row and column of
     /// window element (0, 0).
     fn window_origin(&self, p: usize) -> (usize, isize, isize) {
-        let per_image = self.out_h * self.out_w;
-        let (n, q) = (p / per_image, p % per_image);
-        let (oh, ow) = (q / self.out_w, q % self.out_w);
+        let (n, oh, ow) = self.position(p);
         (
             n * self.in_image(),
             (oh * self.stride_h) as isize - self.pad_top as isize,
             (ow * self.stride_w) as isize - self.pad_left as isize,
         )
+    }
+
+    /// Output position `p` (counted over the whole batch, row-major) as (image, row, column).
+    fn position(&self, p: usize) -> (usize, usize, usize) {
+        let per_image = self.out_h * self.out_w;
+        let (n, q) = (p / per_image, p % per_image);
+        (n, q / self.out_w, q % self.out_w)
+    }
+
+    /// The input pixel (`in_c` floats of `x`) under window element (`kh`, `kw`) of the window at
+    /// `origin` (from `window_origin`), or `zeros` where that is padding.
+    fn pixel<'a>(
+        &self,
+        x: &'a [f32],
+        origin: (usize, isize, isize),
+        kh: usize,
+        kw: usize,
+        zeros: &'a [f32],
+    ) -> &'a [f32] {
+        let (image, ih, iw) = origin;
+        let (ih, iw) = (ih + kh as isize, iw + kw as isize);
+        if ih < 0 || iw < 0 || ih >= self.in_h as isize || iw >= self.in_w as isize {
+            zeros
+        } else {
+            &x[image + (ih as usize * self.in_w + iw as usize) * self.in_c..][..self.in_c]
+        }
     }
 
     /// Output rows per im2col block.
@@ -411,14 +435,9 @@ fn conv2d_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], filter: &[f32], ou
                     }
                     continue;
                 }
-                let (image, ih, iw) = g.window_origin(p0 + r);
+                let origin = g.window_origin(p0 + r);
                 for (s, seg) in runs.iter_mut().enumerate() {
-                    let (ih, iw) = (ih + (s / g.k_w) as isize, iw + (s % g.k_w) as isize);
-                    seg[r] = if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
-                        &zeros
-                    } else {
-                        &x[image + (ih as usize * g.in_w + iw as usize) * c..][..c]
-                    };
+                    seg[r] = g.pixel(x, origin, s / g.k_w, s % g.k_w, &zeros);
                 }
             }
             for (j, b) in packed.chunks_exact(TILE_COLS * k).enumerate() {
@@ -460,9 +479,7 @@ impl Bordered {
     /// Where the window of output position `p` starts in `data`; its row `kh` is the
     /// `k_w·in_c` floats from `kh·w·in_c` further on.
     fn window_at(&self, g: &Geom, p: usize) -> usize {
-        let per_image = g.out_h * g.out_w;
-        let (n, q) = (p / per_image, p % per_image);
-        let (oh, ow) = (q / g.out_w, q % g.out_w);
+        let (n, oh, ow) = g.position(p);
         ((n * self.h + oh * g.stride_h) * self.w + ow * g.stride_w) * g.in_c
     }
 }
@@ -524,15 +541,7 @@ fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy
             // runs[s·n + i]: the input pixel under window element s of position p0 + i.
             runs.clear();
             for s in 0..segs {
-                let (kh, kw) = ((s / g.k_w) as isize, (s % g.k_w) as isize);
-                runs.extend(origins.iter().map(|&(image, ih, iw)| {
-                    let (ih, iw) = (ih + kh, iw + kw);
-                    if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
-                        &zeros[..]
-                    } else {
-                        &x[image + (ih as usize * g.in_w + iw as usize) * c..][..c]
-                    }
-                }));
+                runs.extend(origins.iter().map(|&origin| g.pixel(x, origin, s / g.k_w, s % g.k_w, &zeros)));
             }
             for (s, b) in runs.chunks_exact(n).enumerate() {
                 for ci0 in (0..c).step_by(TILE_COLS) {
