@@ -243,6 +243,73 @@ pub(crate) fn tile_from_gathered(simd: bool, a: &[f32], b: &[&[f32]], off: usize
     acc
 }
 
+/// One `MR`×`NR` tile of A × one packed B sliver (`kc` deep), where depth step `p` of the tile's
+/// rows is `a[p * lda..][..MR]`: a packed A sliver when `lda` is `MR`, a transposed A read where
+/// it lies when `lda` is its stored row length.
+#[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
+fn tile_from_strided(simd: bool, a: &[f32], lda: usize, b: &[f32]) -> [[f32; NR]; MR] {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+        return unsafe { avx2::micro_strided(a, lda, b) };
+    }
+    let _ = simd;
+    let mut acc = [[0f32; NR]; MR];
+    for (p, bv) in b.chunks_exact(NR).enumerate() {
+        for (acc_row, &x) in acc.iter_mut().zip(&a[p * lda..][..MR]) {
+            for (v, &y) in acc_row.iter_mut().zip(bv) {
+                *v += x * y;
+            }
+        }
+    }
+    acc
+}
+
+/// `C[.., j0..j0+nc] (=|+=) op(A) × packed B` (`kc` deep) for the rows of `c`, rows `i0..` of C,
+/// with the tiles reading A where it lies instead of from a packed copy (a transposed A's last
+/// partial tile excepted). For B of one sliver: each element of A then meets one sliver only,
+/// so packing A would be a bare copy. (With more slivers the packed copy pays: a transposed A
+/// read in place touches a new cache line every depth step.)
+#[allow(clippy::too_many_arguments)]
+fn tiles_in_place(
+    simd: bool,
+    a: &Operand<'_, f32>,
+    i0: usize,
+    p0: usize,
+    kc: usize,
+    pb: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    j0: usize,
+    nc: usize,
+    accumulate: bool,
+) {
+    for (sj, bs) in pb.chunks_exact(NR * kc).enumerate() {
+        let cols = NR.min(nc - sj * NR);
+        for (t, tile_c) in c.chunks_mut(MR * ldc).enumerate() {
+            let r0 = i0 + t * MR;
+            let rows = tile_c.len() / ldc;
+            let tile = if !a.trans {
+                let run: [&[f32]; MR] = std::array::from_fn(|r| {
+                    if r < rows {
+                        &a.data[(r0 + r) * a.ld + p0..][..kc]
+                    } else {
+                        &ZEROS[..kc]
+                    }
+                });
+                tile_from_runs(simd, &[run], kc, bs)
+            } else if rows == MR {
+                tile_from_strided(simd, &a.data[p0 * a.ld + r0..], a.ld, bs)
+            } else {
+                let mut sliver = [0f32; MR * KC];
+                pack_a(a, r0, rows, p0, kc, &mut sliver[..MR * kc]);
+                tile_from_strided(simd, &sliver, MR, bs)
+            };
+            merge_tile(&tile, &mut tile_c[j0 + sj * NR..], ldc, rows, cols, accumulate);
+        }
+    }
+}
+
 /// One `MR`×`NR` tile of packed A times packed B over the slivers' depth (portable fallback).
 #[inline(always)]
 fn micro_portable(a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
@@ -436,6 +503,17 @@ mod avx2 {
         tile_out(&acc)
     }
 
+    /// `super::tile_from_strided` on AVX2: the loop of `micro`, each depth step's six broadcasts
+    /// read `lda` floats after the last step's.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn micro_strided(a: &[f32], lda: usize, b: &[f32]) -> [[f32; NR]; MR] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (p, bv) in b.chunks_exact(NR).enumerate() {
+            step(&mut acc, a[p * lda..][..MR].try_into().expect("MR floats"), bv);
+        }
+        tile_out(&acc)
+    }
+
     /// The accumulators of a tile as floats.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -553,8 +631,10 @@ fn row_band(
     let band = rows.len() / ldc;
     let ncp = nc.div_ceil(NR) * NR;
     let own_len = if matches!(b, PackedB::Own(_)) { KC.min(k) * ncp } else { 0 };
+    let a_in_place = ncp == NR;
+    let a_len = if a_in_place { 0 } else { MC.min(band.div_ceil(MR) * MR) * KC.min(k) };
     with_buffer(&PACKED_B, own_len, |own| {
-        with_buffer(&PACKED_A, MC.min(band.div_ceil(MR) * MR) * KC.min(k), |pa| {
+        with_buffer(&PACKED_A, a_len, |pa| {
             for p0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - p0);
                 let pb = match b {
@@ -566,6 +646,22 @@ fn row_band(
                     }
                 };
                 for (blk, block) in rows.chunks_mut(MC * ldc).enumerate() {
+                    if a_in_place {
+                        tiles_in_place(
+                            simd,
+                            a,
+                            i0 + blk * MC,
+                            p0,
+                            kc,
+                            pb,
+                            block,
+                            ldc,
+                            j0,
+                            nc,
+                            accumulate || p0 > 0,
+                        );
+                        continue;
+                    }
                     let mc = block.len() / ldc;
                     let pa = &mut pa[..mc.div_ceil(MR) * MR * kc];
                     pack_a(a, i0 + blk * MC, mc, p0, kc, pa);
@@ -1021,11 +1117,15 @@ mod tests {
         };
         // Serial sizes first; then products large enough for the pool: few rows (each thread
         // packs B itself, split by rows or, for a wider B, by columns) and many rows (B packed
-        // once, shared), each with every transpose.
+        // once, shared), each with every transpose. B of one sliver (n ≤ 16) reads A in place,
+        // over several depth blocks and with a partial last tile.
         let serial = [(1, 1, 1), (7, 17, 15), (13, 257, 33), (145, 40, 17), (600, 31, 20), (1200, 9, 3)];
         let mut shapes: Vec<(usize, usize, usize, bool, bool)> =
             serial.iter().enumerate().map(|(s, &(m, k, n))| (m, k, n, s % 2 == 1, s % 4 >= 2)).collect();
-        for (m, k, n) in [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333)] {
+        let one_sliver = [(97, 530, 10), (131, 600, 16), (1500, 300, 5)];
+        for (m, k, n) in
+            [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333)].into_iter().chain(one_sliver)
+        {
             for t in 0..4 {
                 shapes.push((m, k, n, t % 2 == 1, t >= 2));
             }
