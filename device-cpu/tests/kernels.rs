@@ -1030,9 +1030,10 @@ fn optimizers_update_variables_in_place() {
         ("ApplyRMSProp", 2, &[0.01, 0.9, 0.5, 1e-6], false),
     ];
     let mut rng = Rng(53);
+    // 70 001 elements update in chunks over the intra-op pool; 11 on the calling thread.
+    let opts = SessionOptions { intra_op_parallelism_threads: 3, ..Default::default() };
     for &(op, nslots, scalars, nesterov) in cases {
-        for dtype in [DType::F32, DType::F64] {
-            let n = 11;
+        for (dtype, n) in [(DType::F32, 11), (DType::F64, 11), (DType::F32, 70_001)] {
             let w0 = rng.values(n, -1.0, 1.0);
             let slot0: Vec<Vec<f64>> = (0..nslots).map(|_| rng.values(n, 0.0, 1.0)).collect();
             let g = Graph::new();
@@ -1053,7 +1054,7 @@ fn optimizers_update_variables_in_place() {
             }
             let apply = g.custom(core_op(op), "apply", &inputs, attrs! { "use_nesterov" => nesterov });
             let init = g.global_variables_initializer();
-            let sess = DirectSession::new(&g, &cpu_runtime(), SessionOptions::default()).unwrap();
+            let sess = DirectSession::new(&g, &cpu_runtime(), opts.clone()).unwrap();
             sess.run(&[], &[], &[init], &RunOptions::default()).unwrap();
             let (mut wv, mut sv) = (w0.clone(), slot0.clone());
             for _ in 0..2 {

@@ -10,13 +10,12 @@
 //! packed B over: each thread packs the part of B it uses itself, block by block (see
 //! `gemm_f32_on`).
 
-use super::{for_chunks, unsupported, with_buffer, Arith, Num};
+use super::{for_chunks, parallel_items, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::InlinePool;
 use rill_graph::half::{bf16, f16};
 use rill_graph::{
     AttrsExt, DType, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext, Result, Shape, Tensor,
 };
-use std::sync::Mutex;
 
 /// Rows of the micro-tile: 6 rows × 16 columns keeps 12 AVX2 accumulators in registers, with
 /// 4 registers left for the two B vectors and the broadcast A value.
@@ -669,21 +668,6 @@ fn row_band(
                 }
             }
         })
-    });
-}
-
-/// Runs `f(i, item)` for every item on the pool, each item handed out once.
-fn parallel_items<T: Send>(pool: &dyn IntraOpPool, items: Vec<T>, f: impl Fn(usize, T) + Sync) {
-    if items.len() <= 1 || pool.num_threads() <= 1 {
-        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
-        return;
-    }
-    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
-    pool.parallel_for(slots.len(), &|i| {
-        let taken = slots[i].lock().map(|mut g| g.take()).ok().flatten();
-        if let Some(t) = taken {
-            f(i, t);
-        }
     });
 }
 

@@ -17,12 +17,13 @@ mod shape_ops;
 use rill_graph::device::{chunk_len, parallel_chunks_mut};
 use rill_graph::half::{bf16, f16};
 use rill_graph::{DType, Element, Error, IntraOpPool, KernelDef, Result, Shape, Tensor, TypeOf};
+use std::sync::Mutex;
 
 /// Below this many elements (1 MiB of f32) a kernel runs on the calling thread: waking an
 /// intra-op thread costs 10–25 µs on a VM, more than a cheap op on a quarter million elements.
 pub(crate) const PARALLEL_MIN_ELEMENTS: usize = 256 * 1024;
 /// The smallest chunk handed to the pool, in elements.
-const CHUNK_MIN_ELEMENTS: usize = 8 * 1024;
+pub(crate) const CHUNK_MIN_ELEMENTS: usize = 8 * 1024;
 
 /// The type a kernel computes in: arithmetic with TensorFlow's semantics per type.
 pub(crate) trait Arith: Copy + PartialOrd + Send + Sync + 'static {
@@ -370,6 +371,21 @@ pub(crate) fn for_chunks<O: Send>(
     let units = out.len() / unit;
     let per = chunk_len(pool, units, CHUNK_MIN_ELEMENTS.div_ceil(unit));
     parallel_chunks_mut(pool, out, per * unit, f);
+}
+
+/// Runs `f(i, item)` for every item on the pool, each item handed out once.
+pub(crate) fn parallel_items<T: Send>(pool: &dyn IntraOpPool, items: Vec<T>, f: impl Fn(usize, T) + Sync) {
+    if items.len() <= 1 || pool.num_threads() <= 1 {
+        items.into_iter().enumerate().for_each(|(i, t)| f(i, t));
+        return;
+    }
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    pool.parallel_for(slots.len(), &|i| {
+        let taken = slots[i].lock().map(|mut g| g.take()).ok().flatten();
+        if let Some(t) = taken {
+            f(i, t);
+        }
+    });
 }
 
 /// Runs `f` with this thread's buffer from `key` resized to `len` (contents unspecified); the

@@ -1,11 +1,18 @@
 //! The `Apply*` optimizer ops: in-place updates of a variable and its slots (TensorFlow's
 //! ApplyGradientDescent, ApplyMomentum, ApplyAdam and ApplyRMSProp), returning the new value.
 
-use super::{unsupported, Arith, Float, FloatNum};
+use super::{parallel_items, unsupported, Arith, Float, FloatNum, CHUNK_MIN_ELEMENTS};
+use rill_graph::device::chunk_len;
 use rill_graph::{
-    dispatch_float, AttrsExt, Error, Kernel, KernelInit, OpKernel, OpKernelContext, Result, Tensor, Variable,
+    dispatch_float, AttrsExt, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext, Result,
+    Tensor, Variable,
 };
 use std::sync::Arc;
+
+/// Variables of at least this many elements are updated in chunks over the intra-op pool. An
+/// update follows the step's large products, so the pool's helpers are still awake, and a
+/// 784×256 layer's weights take ~25 µs on one thread, the step's last serial stretch.
+const PARALLEL_UPDATE_MIN: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Opt {
@@ -87,7 +94,13 @@ fn update_all(vars: &[Arc<Variable>], f: impl FnOnce(&mut [&mut Tensor]) -> Resu
 }
 
 impl ApplyK {
-    fn run<T: FloatNum>(&self, vars: &[Arc<Variable>], scalars: &[Tensor], grad: &Tensor) -> Result<Tensor> {
+    fn run<T: FloatNum>(
+        &self,
+        pool: &dyn IntraOpPool,
+        vars: &[Arc<Variable>],
+        scalars: &[Tensor],
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let s: Vec<T::A> = scalars
             .iter()
             .enumerate()
@@ -103,6 +116,12 @@ impl ApplyK {
             })
             .collect::<Result<_>>()?;
         let g = grad.as_slice::<T>()?;
+        // Elements per chunk; the chunks of every operand line up.
+        let per = if g.len() >= PARALLEL_UPDATE_MIN {
+            chunk_len(pool, g.len(), CHUNK_MIN_ELEMENTS)
+        } else {
+            g.len().max(1)
+        };
         let (opt, nesterov) = (self.opt, self.nesterov);
         update_all(vars, |ts| {
             for (i, t) in ts.iter().enumerate() {
@@ -122,21 +141,27 @@ impl ApplyK {
             match (opt, ts) {
                 (Opt::GradientDescent, [var]) => {
                     let alpha = s[0];
-                    for (w, &d) in var.as_mut_slice::<T>()?.iter_mut().zip(g) {
-                        *w = T::store(w.load().sub(alpha.mul(d.load())));
-                    }
+                    let parts = var.as_mut_slice::<T>()?.chunks_mut(per).zip(g.chunks(per)).collect();
+                    parallel_items(pool, parts, |_, (w, g)| {
+                        for (w, &d) in w.iter_mut().zip(g) {
+                            *w = T::store(w.load().sub(alpha.mul(d.load())));
+                        }
+                    });
                 }
                 (Opt::Momentum, [var, accum]) => {
                     let (lr, momentum) = (s[0], s[1]);
                     let (w, a) = (var.as_mut_slice::<T>()?, accum.as_mut_slice::<T>()?);
-                    for ((w, a), &d) in w.iter_mut().zip(a.iter_mut()).zip(g) {
-                        let d = d.load();
-                        let acc = a.load().mul(momentum).add(d);
-                        *a = T::store(acc);
-                        let step =
-                            if nesterov { d.mul(lr).add(acc.mul(momentum).mul(lr)) } else { acc.mul(lr) };
-                        *w = T::store(w.load().sub(step));
-                    }
+                    let parts = w.chunks_mut(per).zip(a.chunks_mut(per)).zip(g.chunks(per)).collect();
+                    parallel_items(pool, parts, |_, ((w, a), g)| {
+                        for ((w, a), &d) in w.iter_mut().zip(a.iter_mut()).zip(g) {
+                            let d = d.load();
+                            let acc = a.load().mul(momentum).add(d);
+                            *a = T::store(acc);
+                            let step =
+                                if nesterov { d.mul(lr).add(acc.mul(momentum).mul(lr)) } else { acc.mul(lr) };
+                            *w = T::store(w.load().sub(step));
+                        }
+                    });
                 }
                 (Opt::Adam, [var, m, v]) => {
                     let [beta1_power, beta2_power, lr, beta1, beta2, eps] = s[..] else {
@@ -145,15 +170,19 @@ impl ApplyK {
                     let lr_t = lr.mul(one.sub(beta2_power).sqrt()).div(one.sub(beta1_power));
                     let (w, m, v) =
                         (var.as_mut_slice::<T>()?, m.as_mut_slice::<T>()?, v.as_mut_slice::<T>()?);
-                    for (((w, m), v), &d) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                        let d = d.load();
-                        let mn = m.load().add(d.sub(m.load()).mul(one.sub(beta1)));
-                        let vn = v.load().add(d.mul(d).sub(v.load()).mul(one.sub(beta2)));
-                        *m = T::store(mn);
-                        *v = T::store(vn);
-                        let num = if nesterov { d.mul(one.sub(beta1)).add(beta1.mul(mn)) } else { mn };
-                        *w = T::store(w.load().sub(num.mul(lr_t).div(vn.sqrt().add(eps))));
-                    }
+                    let parts =
+                        w.chunks_mut(per).zip(m.chunks_mut(per)).zip(v.chunks_mut(per)).zip(g.chunks(per));
+                    parallel_items(pool, parts.collect(), |_, (((w, m), v), g)| {
+                        for (((w, m), v), &d) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                            let d = d.load();
+                            let mn = m.load().add(d.sub(m.load()).mul(one.sub(beta1)));
+                            let vn = v.load().add(d.mul(d).sub(v.load()).mul(one.sub(beta2)));
+                            *m = T::store(mn);
+                            *v = T::store(vn);
+                            let num = if nesterov { d.mul(one.sub(beta1)).add(beta1.mul(mn)) } else { mn };
+                            *w = T::store(w.load().sub(num.mul(lr_t).div(vn.sqrt().add(eps))));
+                        }
+                    });
                 }
                 (Opt::RmsProp, [var, ms, mom]) => {
                     let [lr, rho, momentum, eps] = s[..] else {
@@ -161,14 +190,19 @@ impl ApplyK {
                     };
                     let (w, ms, mom) =
                         (var.as_mut_slice::<T>()?, ms.as_mut_slice::<T>()?, mom.as_mut_slice::<T>()?);
-                    for (((w, ms), mom), &d) in w.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()).zip(g) {
-                        let d = d.load();
-                        let msn = ms.load().add(d.mul(d).sub(ms.load()).mul(one.sub(rho)));
-                        let momn = mom.load().mul(momentum).add(lr.mul(d).div(msn.add(eps).sqrt()));
-                        *ms = T::store(msn);
-                        *mom = T::store(momn);
-                        *w = T::store(w.load().sub(momn));
-                    }
+                    let parts =
+                        w.chunks_mut(per).zip(ms.chunks_mut(per)).zip(mom.chunks_mut(per)).zip(g.chunks(per));
+                    parallel_items(pool, parts.collect(), |_, (((w, ms), mom), g)| {
+                        for (((w, ms), mom), &d) in w.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()).zip(g)
+                        {
+                            let d = d.load();
+                            let msn = ms.load().add(d.mul(d).sub(ms.load()).mul(one.sub(rho)));
+                            let momn = mom.load().mul(momentum).add(lr.mul(d).div(msn.add(eps).sqrt()));
+                            *ms = T::store(msn);
+                            *mom = T::store(momn);
+                            *w = T::store(w.load().sub(momn));
+                        }
+                    });
                 }
                 _ => return Err(Error::internal(format!("{opt:?} got {nrefs} references"))),
             }
@@ -207,7 +241,7 @@ impl OpKernel for ApplyK {
         if let Some(t) = scalars.iter().chain([&grad]).find(|t| t.dtype() != d) {
             return Err(Error::invalid_argument(format!("input of dtype {} for a {d} variable", t.dtype())));
         }
-        let out = dispatch_float!(d, T => self.run::<T>(&vars, &scalars, &grad)?,
+        let out = dispatch_float!(d, T => self.run::<T>(ctx.intra_op(), &vars, &scalars, &grad)?,
             _ => return Err(unsupported(&ctx.node.op, d)));
         ctx.set_output(0, out);
         Ok(())
