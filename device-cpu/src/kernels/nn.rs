@@ -309,10 +309,16 @@ fn xent_rows<T: FloatNum>(
             for (k, wrow) in o.chunks_exact_mut(w).enumerate() {
                 let i = off / w + k;
                 let xrow = &xs[i * c..(i + 1) * c];
-                let (m, sum) = row_stats::<T>(xrow);
+                let m = xrow.iter().fold(T::A::LOWEST, |m, v| m.max(v.load()));
                 let (grad, loss) = wrow.split_at_mut(c);
+                // Each exponential once: kept in the gradient row, then scaled by the sum.
+                let mut sum = T::A::ZERO;
                 for (g, v) in grad.iter_mut().zip(xrow) {
-                    *g = v.load().sub(m).exp().div(sum);
+                    *g = v.load().sub(m).exp();
+                    sum = sum.add(*g);
+                }
+                for g in grad.iter_mut() {
+                    *g = g.div(sum);
                 }
                 loss[0] = row(i, xrow, m, sum.ln(), grad);
             }
