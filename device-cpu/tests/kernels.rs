@@ -425,6 +425,75 @@ fn matmul_f32_around_block_boundaries() {
     }
 }
 
+#[test]
+fn matmul_bias_relu_chains_run_fused_and_match_the_plain_ops() {
+    // Every product path: serial, few rows split by columns and by rows, many rows sharing a
+    // packed B, B of one sliver, and an empty depth; with intra-op threads for the parallel ones.
+    let shapes = [(3, 5, 7), (128, 300, 256), (200, 64, 100), (700, 90, 70), (130, 200, 10), (4, 0, 6)];
+    let opts = SessionOptions { intra_op_parallelism_threads: 3, ..Default::default() };
+    let traced = RunOptions { trace_level: TraceLevel::FullTrace, ..Default::default() };
+    let mut rng = Rng(41);
+    for &(m, k, n) in &shapes {
+        for (ta, tb, relu) in
+            [(false, false, true), (true, false, false), (false, true, true), (true, true, true)]
+        {
+            let g = Graph::new();
+            let a = g.placeholder("a", DType::F32, if ta { [k, m] } else { [m, k] });
+            let b = g.placeholder("b", DType::F32, if tb { [n, k] } else { [k, n] });
+            let bias = g.placeholder("bias", DType::F32, [n]);
+            let product = g.matmul_t(a, b, ta, tb);
+            let y = if relu { g.relu(g.bias_add(product, bias)) } else { g.bias_add(product, bias) };
+            let (av, bv, cv) =
+                (rng.values(m * k, -1.0, 1.0), rng.values(k * n, -1.0, 1.0), rng.values(n, -1.0, 1.0));
+            let feeds = [
+                (a, make(DType::F32, &if ta { [k, m] } else { [m, k] }, &av)),
+                (b, make(DType::F32, &if tb { [n, k] } else { [k, n] }, &bv)),
+                (bias, make(DType::F32, &[n], &cv)),
+            ];
+            let (af, bf) = (feeds[0].1.to_f64_vec().unwrap(), feeds[1].1.to_f64_vec().unwrap());
+            let cf = feeds[2].1.to_f64_vec().unwrap();
+            let mut want = matmul_ref(&af, &bf, m, k, n, ta, tb);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += cf[i % n];
+                if relu {
+                    *v = v.max(0.0);
+                }
+            }
+            let what =
+                format!("MatMul+BiasAdd{} {m}x{k}x{n} ta={ta} tb={tb}", if relu { "+Relu" } else { "" });
+            let t = tol(DType::F32) * (k as f64).sqrt().max(1.0) * 2.0;
+            let sess = DirectSession::new(&g, &cpu_runtime(), opts.clone()).unwrap();
+            let mut md = RunMetadata::default();
+            let got = sess.run_with_metadata(&feeds, &[y], &[], &traced, Some(&mut md)).unwrap();
+            let ran: Vec<&str> = md.step_stats.nodes.iter().map(|s| s.op.as_str()).collect();
+            assert!(
+                ran.contains(&"_FusedMatMul") && !ran.iter().any(|&op| op == "MatMul" || op == "BiasAdd"),
+                "{what}: ran {ran:?}"
+            );
+            assert_close(&what, &got[0], &[m, n], &want, t);
+            // Fetching the product too keeps the chain apart, with the same result.
+            let mut md = RunMetadata::default();
+            let both = sess.run_with_metadata(&feeds, &[y, product], &[], &traced, Some(&mut md)).unwrap();
+            assert!(
+                md.step_stats.nodes.iter().all(|s| s.op != "_FusedMatMul"),
+                "{what}: fused though fetched"
+            );
+            assert_close(&format!("{what}, unfused"), &both[0], &[m, n], &want, t);
+        }
+    }
+    // The fused kernel checks what the graph could not: f32 only, one bias per column.
+    let fused = |a: Tensor, bias: Tensor| {
+        eval("_FusedMatMul", &[a.clone(), a, bias], attrs! { "fused_ops" => vec!["BiasAdd".to_string()] })
+    };
+    let square = make(DType::F32, &[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let err = fused(square.clone(), make(DType::F32, &[3], &[0.0; 3])).unwrap_err();
+    assert!(err.code == Code::InvalidArgument && err.msg.contains("biases"), "{err}");
+    let err = fused(make(DType::F64, &[2, 2], &[0.0; 4]), make(DType::F64, &[2], &[0.0; 2])).unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument, "{err}");
+    let ok = fused(square, make(DType::F32, &[2], &[1.0, -1.0])).unwrap();
+    assert_close("_FusedMatMul 2x2", &ok[0], &[2, 2], &[8.0, 9.0, 16.0, 21.0], 0.0);
+}
+
 // ---- reductions ----
 
 fn reduce_ref(x: &[f64], dims: &[usize], axes: &[usize], op: &str, int: bool) -> (Vec<usize>, Vec<f64>) {

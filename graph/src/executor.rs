@@ -86,7 +86,8 @@ const SPARE_SLOT_BUFFERS_MAX: usize = 4;
 pub type ExecutorDone = Box<dyn FnOnce(Result<()>) + Send>;
 
 impl Executor {
-    /// Builds an executor: validates the graph, instantiates each node's kernel on `device`.
+    /// Builds an executor: validates the graph, fuses what the device has fused kernels for
+    /// (`fuse`), instantiates each node's kernel on `device`.
     pub fn new(
         graph: &GraphDef,
         ops: &OpRegistry,
@@ -94,6 +95,8 @@ impl Executor {
         device: Arc<dyn Device>,
     ) -> Result<Executor> {
         graph.validate()?;
+        let fused = crate::fuse::fuse_matmul_bias(graph, kernels, device.device_type());
+        let graph = fused.as_ref().unwrap_or(graph);
         let n = graph.nodes.len();
         let mut slot_base = Vec::with_capacity(n);
         let mut num_slots = 0u32;

@@ -13,6 +13,7 @@ pub mod device;
 mod device_name;
 mod error;
 pub mod executor;
+pub mod fuse;
 mod graph;
 pub mod kernel;
 pub mod kernels;

@@ -138,6 +138,13 @@ fn infer_matmul(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     if !matches!(d, DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::I32 | DType::I64) {
         return Err(bad(format!("MatMul does not support {d}")));
     }
+    let (m, n) = product_dims(c)?;
+    Ok(vec![ti(d, PartialShape::from(vec![m, n]))])
+}
+
+/// Rows and columns of the product of matrix inputs 0 and 1 under `transpose_a`/`transpose_b`,
+/// their inner dimensions checked where known.
+fn product_dims(c: &InferCtx) -> Result<(Option<usize>, Option<usize>)> {
     c.expect_rank(0, 2)?;
     c.expect_rank(1, 2)?;
     let ta = c.attrs.bool_or("transpose_a", false);
@@ -154,7 +161,29 @@ fn infer_matmul(c: &InferCtx) -> Result<Vec<TensorInfo>> {
             )));
         }
     }
-    Ok(vec![ti(d, PartialShape::from(vec![m, n]))])
+    Ok((m, n))
+}
+
+/// `fuse::FUSED_MATMUL`: MatMul of inputs 0 and 1 in f32, plus bias input 2 (one per column),
+/// then the `fused_ops` after the bias.
+fn infer_fused_matmul(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(3)?;
+    if c.same_dtype(&[0, 1, 2])? != DType::F32 {
+        return Err(bad("_FusedMatMul is f32 only"));
+    }
+    c.expect_rank(2, 1)?;
+    let ops = c.attrs.strs("fused_ops")?;
+    if !matches!(ops, [b] if b == "BiasAdd") && !matches!(ops, [b, r] if b == "BiasAdd" && r == "Relu") {
+        return Err(bad(format!("_FusedMatMul cannot fuse {ops:?}")));
+    }
+    let (m, n) = product_dims(c)?;
+    let bias = c.shape(2);
+    if let (Some(x), Some(y)) = (n, bias.dim(0)) {
+        if x != y {
+            return Err(bad(format!("{y} biases for {x} columns")));
+        }
+    }
+    Ok(vec![ti(DType::F32, PartialShape::from(vec![m, n]))])
 }
 
 fn infer_bias_add(c: &InferCtx) -> Result<Vec<TensorInfo>> {
@@ -768,6 +797,7 @@ pub const OPS: &[OpDef] = &[
     op!("TanhGrad", infer_same2_float),
     op!("SqrtGrad", infer_same2_float),
     op!("MatMul", infer_matmul),
+    op!("_FusedMatMul", infer_fused_matmul),
     op!("BiasAdd", infer_bias_add),
     op!("BiasAddGrad", infer_bias_add_grad),
     op!("Sum", infer_reduce),

@@ -682,11 +682,34 @@ fn gemm_f32(
     n: usize,
     accumulate: bool,
 ) {
-    gemm_f32_on(has_avx2_fma(), pool, a, b, k, c, n, accumulate)
+    gemm_f32_on(has_avx2_fma(), pool, a, b, k, c, n, accumulate, None)
+}
+
+/// What `_FusedMatMul` does after the product: add one bias per column, then ReLU when `relu`.
+/// Each thread applies it to the part of C it has just finished, while that part is in its
+/// cache.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: &'a [f32],
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Applies to columns `c0..c0 + nc` of each `ld`-wide row of `rows`, which are C's columns
+    /// `j0..j0 + nc`.
+    fn apply(&self, rows: &mut [f32], ld: usize, c0: usize, j0: usize, nc: usize) {
+        let bias = &self.bias[j0..j0 + nc];
+        for row in rows.chunks_exact_mut(ld) {
+            for (v, b) in row[c0..c0 + nc].iter_mut().zip(bias) {
+                let x = *v + b;
+                *v = if self.relu { x.max(0.0) } else { x };
+            }
+        }
+    }
 }
 
 /// `gemm_f32` on the AVX2 micro-kernel when `simd` (which this CPU must then have), else on the
-/// portable one.
+/// portable one; `epi`, if any, is applied to the product (which then must not `accumulate`).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32_on(
     simd: bool,
@@ -697,13 +720,18 @@ fn gemm_f32_on(
     c: &mut [f32],
     n: usize,
     accumulate: bool,
+    epi: Option<&Epilogue<'_>>,
 ) {
+    debug_assert!(!(accumulate && epi.is_some()));
     if c.is_empty() || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
             c.fill(0.0);
+        }
+        if let Some(e) = epi {
+            e.apply(c, n, 0, 0, n);
         }
         return;
     }
@@ -720,12 +748,15 @@ fn gemm_f32_on(
         // and moves every packed line from the core that wrote it to the one that reads it,
         // which for so few rows costs more than packing twice.
         if n > m && m * n <= COLUMN_SPLIT_MAX {
-            return column_split(simd, pool, a, b, k, c, n, accumulate);
+            return column_split(simd, pool, a, b, k, c, n, accumulate, epi);
         }
         let items = bands(c, m, n, threads.min(tiles));
         parallel_items(pool, items, |_, (i0, rows)| {
             for j0 in (0..n).step_by(group) {
                 row_band(simd, &a, PackedB::Own(&b), k, i0, &mut *rows, n, j0, group.min(n - j0), accumulate);
+            }
+            if let Some(e) = epi {
+                e.apply(rows, n, 0, 0, n);
             }
         });
         return;
@@ -760,6 +791,9 @@ fn gemm_f32_on(
             let pb = &*pb;
             parallel_items(pool, items, |_, (i0, rows)| {
                 row_band(simd, &a, PackedB::Shared(pb), k, i0, rows, n, j0, nc, accumulate);
+                if let Some(e) = epi {
+                    e.apply(rows, n, j0, j0, nc);
+                }
             });
         });
     }
@@ -779,6 +813,7 @@ fn column_split(
     c: &mut [f32],
     n: usize,
     accumulate: bool,
+    epi: Option<&Epilogue<'_>>,
 ) {
     let m = c.len() / n;
     let slivers = n.div_ceil(NR);
@@ -803,6 +838,9 @@ fn column_split(
             // B from column j0 on: a stored row of a transposed B, else a stored column.
             let bj = Operand { data: &b.data[if b.trans { j0 * b.ld } else { j0 }..], ..b };
             row_band(simd, &a, PackedB::Own(&bj), k, 0, part, nc, 0, nc, accumulate);
+            if let Some(e) = epi {
+                e.apply(part, nc, 0, j0, nc);
+            }
         });
     }
     for (j0, part) in &parts {
@@ -967,6 +1005,68 @@ impl MatMulK {
     }
 }
 
+impl MatMulK {
+    /// The f32 product of `a` and `b` (`m`×`k` by `k`×`n`) in a fresh output, `epi` applied.
+    fn f32_product(
+        &self,
+        ctx: &OpKernelContext<'_>,
+        a: &Tensor,
+        b: &Tensor,
+        (m, k, n): (usize, usize, usize),
+        epi: Option<&Epilogue<'_>>,
+    ) -> Result<Tensor> {
+        // Every element is written (zeros when k = 0), so the buffer may be recycled.
+        let mut out = ctx.allocate_output(DType::F32, Shape::matrix(m, n))?;
+        let (oa, ob) = self.operands(a.as_slice::<f32>()?, a.shape(), b.as_slice::<f32>()?, b.shape());
+        let c = out.as_mut_slice::<f32>()?;
+        gemm_f32_on(has_avx2_fma(), ctx.intra_op(), oa, ob, k, c, n.max(1), false, epi);
+        Ok(out)
+    }
+}
+
+/// `_FusedMatMul` (see `rill_graph::fuse`): the f32 product with its bias, and ReLU when fused,
+/// applied by the threads that computed each part of it.
+struct FusedMatMulK {
+    mm: MatMulK,
+    relu: bool,
+}
+
+pub fn create_fused_matmul(init: &KernelInit<'_>) -> Result<Kernel> {
+    let a = init.attrs();
+    let relu = match a.strs("fused_ops")? {
+        [b] if b == "BiasAdd" => false,
+        [b, r] if b == "BiasAdd" && r == "Relu" => true,
+        other => return Err(Error::invalid_argument(format!("_FusedMatMul cannot fuse {other:?}"))),
+    };
+    let mm = MatMulK { ta: a.bool_or("transpose_a", false), tb: a.bool_or("transpose_b", false) };
+    Ok(Kernel::expensive(FusedMatMulK { mm, relu }))
+}
+
+impl OpKernel for FusedMatMulK {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        let (a, b, bias) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
+        if [a, b, bias].iter().any(|t| t.dtype() != DType::F32) {
+            return Err(Error::invalid_argument(format!(
+                "_FusedMatMul takes f32 inputs, got {}, {} and {}",
+                a.dtype(),
+                b.dtype(),
+                bias.dtype()
+            )));
+        }
+        let (m, k, n) = dims(a.shape(), b.shape(), self.mm.ta, self.mm.tb)?;
+        if bias.shape().rank() != 1 || bias.shape().dim(0) != n {
+            return Err(Error::invalid_argument(format!(
+                "Must provide as many biases as the last dimension of the product: {} vs. {n}",
+                bias.shape()
+            )));
+        }
+        let epi = Epilogue { bias: bias.as_slice::<f32>()?, relu: self.relu };
+        let out = self.mm.f32_product(ctx, a, b, (m, k, n), Some(&epi))?;
+        ctx.set_output(0, out);
+        Ok(())
+    }
+}
+
 impl OpKernel for MatMulK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
         let (a, b) = (ctx.input(0)?, ctx.input(1)?);
@@ -976,14 +1076,7 @@ impl OpKernel for MatMulK {
         let (m, k, n) = dims(a.shape(), b.shape(), self.ta, self.tb)?;
         let pool = ctx.intra_op();
         let out = match a.dtype() {
-            DType::F32 => {
-                // Every element is written (zeros when k = 0), so the buffer may be recycled.
-                let mut out = ctx.allocate_output(DType::F32, Shape::matrix(m, n))?;
-                let (oa, ob) =
-                    self.operands(a.as_slice::<f32>()?, a.shape(), b.as_slice::<f32>()?, b.shape());
-                gemm_f32(pool, oa, ob, k, out.as_mut_slice::<f32>()?, n.max(1), false);
-                out
-            }
+            DType::F32 => self.f32_product(ctx, a, b, (m, k, n), None)?,
             DType::F16 => self.half::<f16>(pool, a, b, m, k, n)?,
             DType::BF16 => self.half::<bf16>(pool, a, b, m, k, n)?,
             DType::F64 => self.plain::<f64>(pool, a, b, m, k, n)?,
@@ -1128,7 +1221,7 @@ mod tests {
                 reference(&a, &b, k, &mut want, n, acc);
                 for (&simd, pool) in paths.iter().flat_map(|p| pools.iter().map(move |q| (p, *q))) {
                     let mut got = c0.clone();
-                    gemm_f32_on(simd, pool, a, b, k, &mut got, n, acc);
+                    gemm_f32_on(simd, pool, a, b, k, &mut got, n, acc, None);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         let tol = 1e-5 * (k as f32).sqrt() * 4.0 + 1e-6;
                         assert!(

@@ -524,6 +524,7 @@ pub const KERNELS: &[KernelDef] = &[
         Input(0),
         &[DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64]
     ),
+    k!("_FusedMatMul", matmul::create_fused_matmul, Input(0), &[DType::F32]),
     // convolution and pooling
     k!("Conv2D", conv::create_conv, Input(0), FLOATS),
     k!("Conv2DBackpropInput", conv::create_conv, Input(1), FLOATS),
