@@ -25,6 +25,21 @@ const NR: usize = 16;
 /// Depth of a packed block: a 256×16 B sliver (16 KiB) and a 6×256 A sliver (6 KiB) fit in a
 /// 32 KiB L1d together.
 const KC: usize = 256;
+/// The deepest block `depth_block` hands out: a remainder of a quarter block or less is spread
+/// over the full blocks.
+const KC_MAX: usize = KC + KC / 4;
+
+/// The depth of the blocks a product of depth `k` is cut into: `KC`, except where the last block
+/// would be a quarter of that or less; then the depth is spread evenly (784 = 3 × 262, not
+/// 3 × 256 + 16), since a thin block costs a whole extra pass over C.
+fn depth_block(k: usize) -> usize {
+    let (full, rest) = (k / KC, k % KC);
+    if full > 0 && rest > 0 && rest <= KC / 4 {
+        k.div_ceil(full)
+    } else {
+        KC.min(k)
+    }
+}
 /// Most rows of a packed A block (a multiple of `MR`): 144×256 floats (144 KiB) stay in L2.
 const MC: usize = 144;
 /// Most A blocks in one band of rows: the band reuses a depth block of packed B (2 MiB for 2048
@@ -113,7 +128,7 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
 }
 
 /// Zeros standing in for the rows (or columns) past a matrix edge in a packed sliver.
-static ZEROS: [f32; KC] = [0.0; KC];
+static ZEROS: [f32; KC_MAX] = [0.0; KC_MAX];
 
 /// Interleaves `W` equally long runs into `sliver`: `sliver[p * W + i] = srcs[i][p]`, one row of
 /// an A sliver or one column of a B sliver per run.
@@ -300,7 +315,7 @@ fn tiles_in_place(
             } else if rows == MR {
                 tile_from_strided(simd, &a.data[p0 * a.ld + r0..], a.ld, bs)
             } else {
-                let mut sliver = [0f32; MR * KC];
+                let mut sliver = [0f32; MR * KC_MAX];
                 pack_a(a, r0, rows, p0, kc, &mut sliver[..MR * kc]);
                 tile_from_strided(simd, &sliver, MR, bs)
             };
@@ -366,7 +381,7 @@ fn block_portable(
 mod avx2 {
     //! The AVX2+FMA micro-kernel and the macro-kernel around it.
 
-    use super::{merge_tile, KC, MR, NR};
+    use super::{merge_tile, KC_MAX, MR, NR};
     use std::arch::x86_64::{
         __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_set1_ps,
         _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
@@ -539,7 +554,7 @@ mod avx2 {
         nc: usize,
         accumulate: bool,
     ) {
-        debug_assert!(kc <= KC);
+        debug_assert!(kc <= KC_MAX);
         let mc = c.len() / ldc;
         for (sj, bs) in pb.chunks_exact(NR * kc).enumerate() {
             let cols = NR.min(nc - sj * NR);
@@ -629,13 +644,14 @@ fn row_band(
 ) {
     let band = rows.len() / ldc;
     let ncp = nc.div_ceil(NR) * NR;
-    let own_len = if matches!(b, PackedB::Own(_)) { KC.min(k) * ncp } else { 0 };
+    let depth = depth_block(k);
+    let own_len = if matches!(b, PackedB::Own(_)) { depth * ncp } else { 0 };
     let a_in_place = ncp == NR;
-    let a_len = if a_in_place { 0 } else { MC.min(band.div_ceil(MR) * MR) * KC.min(k) };
+    let a_len = if a_in_place { 0 } else { MC.min(band.div_ceil(MR) * MR) * depth };
     with_buffer(&PACKED_B, own_len, |own| {
         with_buffer(&PACKED_A, a_len, |pa| {
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
+            for p0 in (0..k).step_by(depth) {
+                let kc = depth.min(k - p0);
                 let pb = match b {
                     PackedB::Shared(pb) => &pb[p0 * ncp..(p0 + kc) * ncp],
                     PackedB::Own(b) => {
@@ -766,13 +782,14 @@ fn gemm_f32_on(
         let ncp = nc.div_ceil(NR) * NR;
         with_buffer(&PACKED_B, k * ncp, |pb| {
             // Pack B in parallel: each depth block split into runs of slivers, a few per thread.
-            let blocks = k.div_ceil(KC);
+            let depth = depth_block(k);
+            let blocks = k.div_ceil(depth);
             let runs = (threads * 2).div_ceil(blocks).min(ncp / NR);
             let per_run = (ncp / NR).div_ceil(runs) * NR;
             let mut items = Vec::new();
             let mut rest = &mut *pb;
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
+            for p0 in (0..k).step_by(depth) {
+                let kc = depth.min(k - p0);
                 let (block, tail) = rest.split_at_mut(kc * ncp);
                 rest = tail;
                 for (r, run) in block.chunks_mut(per_run * kc).enumerate() {
@@ -1200,9 +1217,9 @@ mod tests {
         let mut shapes: Vec<(usize, usize, usize, bool, bool)> =
             serial.iter().enumerate().map(|(s, &(m, k, n))| (m, k, n, s % 2 == 1, s % 4 >= 2)).collect();
         let one_sliver = [(97, 530, 10), (131, 600, 16), (1500, 300, 5)];
-        for (m, k, n) in
-            [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333)].into_iter().chain(one_sliver)
-        {
+        // Depths 300 and 784 are cut into blocks deeper than `KC` (`depth_block`).
+        let products = [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333), (70, 784, 50)];
+        for (m, k, n) in products.into_iter().chain(one_sliver) {
             for t in 0..4 {
                 shapes.push((m, k, n, t % 2 == 1, t >= 2));
             }
