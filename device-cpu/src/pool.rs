@@ -45,6 +45,8 @@ struct Shared {
     injector: Injector<Job>,
     stealers: Vec<Stealer<Job>>,
     sleepers: AtomicUsize,
+    /// Workers idle but awake (in their spin), which start a job handed out now at once.
+    spinning: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicBool,
@@ -87,6 +89,7 @@ impl ThreadPool {
             injector: Injector::new(),
             stealers: workers.iter().map(|w| w.stealer()).collect(),
             sleepers: AtomicUsize::new(0),
+            spinning: AtomicUsize::new(0),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -234,6 +237,7 @@ fn worker_main(s: Arc<Shared>, w: Worker<Job>, me: usize) {
         }
         let mut found = false;
         let idle_since = std::time::Instant::now();
+        s.spinning.fetch_add(1, Ordering::Relaxed);
         for i in 0.. {
             if i >= SPIN_ROUNDS && (s.spin.is_zero() || idle_since.elapsed() >= s.spin) {
                 break;
@@ -248,6 +252,7 @@ fn worker_main(s: Arc<Shared>, w: Worker<Job>, me: usize) {
                 std::hint::spin_loop();
             }
         }
+        s.spinning.fetch_sub(1, Ordering::Relaxed);
         if found {
             continue;
         }
@@ -313,6 +318,10 @@ impl rill_graph::IntraOpPool for ThreadPool {
     /// The caller takes part, so one more than the pool's own threads.
     fn num_threads(&self) -> usize {
         self.threads.len() + 1
+    }
+
+    fn has_spinning_worker(&self) -> bool {
+        self.shared.spinning.load(Ordering::Relaxed) > 0
     }
 
     fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -388,11 +397,14 @@ mod tests {
                 // before `spin` has passed since then slept early. (Read first, then the clock:
                 // a test thread held up past the spin proves nothing and checks nothing.)
                 let sleepers = pool.shared.sleepers.load(Ordering::SeqCst);
+                let spinning = rill_graph::IntraOpPool::has_spinning_worker(&pool);
                 if done.elapsed() < spin {
                     assert_eq!(sleepers, 0, "asleep during its spin");
+                    assert!(spinning, "awake but not counted as spinning");
                 }
             }
             assert!(asleep_within_10s(&pool), "a worker with spin {spin:?} never went to sleep");
+            assert!(!rill_graph::IntraOpPool::has_spinning_worker(&pool), "asleep, yet counted as spinning");
         }
     }
 }

@@ -35,6 +35,11 @@ pub type Task = Box<dyn FnOnce() + Send + 'static>;
 pub trait IntraOpPool: Send + Sync {
     fn num_threads(&self) -> usize;
     fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+    /// Whether a worker is idle but awake now, so a chunk handed out starts at once: kernels may
+    /// then split work too small to be worth waking a sleeping thread for.
+    fn has_spinning_worker(&self) -> bool {
+        false
+    }
 }
 
 /// An intra-op pool that runs everything on the calling thread.

@@ -50,8 +50,15 @@ const BAND_BLOCKS: usize = 4;
 const PACKED_B_MAX: usize = 4 << 20;
 /// Most floats of C for a split by columns, whose parts are computed into buffers of their own.
 const COLUMN_SPLIT_MAX: usize = 1 << 20;
-/// Multiply-adds below which a product runs on the calling thread: a pool hand-off costs more.
+/// Depth below which a few-rows product never splits by columns: it is bound by writing C, and
+/// the caller's copy of the parts into C costs more than each thread packing all of a thin B.
+const COLUMN_SPLIT_MIN_DEPTH: usize = 32;
+/// Multiply-adds below which a product runs on the calling thread: waking a pool thread costs
+/// more.
 const PARALLEL_MIN_FLOPS: usize = 1 << 20;
+/// Multiply-adds from which a product still splits when a pool worker is awake and idle (no
+/// wake-up to pay): the MLP's 256 -> 10 layer, a few microseconds on each of two threads.
+const SPINNING_PARALLEL_MIN_FLOPS: usize = 128 << 10;
 
 /// A matrix operand as stored (row-major, `ld` elements per stored row), read through an
 /// optional transpose.
@@ -752,7 +759,9 @@ fn gemm_f32_on(
         return;
     }
     let m = c.len() / n;
-    let serial = m * n * k < PARALLEL_MIN_FLOPS;
+    let macs = m * n * k;
+    let serial =
+        macs < PARALLEL_MIN_FLOPS && (macs < SPINNING_PARALLEL_MIN_FLOPS || !pool.has_spinning_worker());
     let pool: &dyn IntraOpPool = if serial { &InlinePool } else { pool };
     let threads = pool.num_threads().max(1);
     // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
@@ -763,7 +772,7 @@ fn gemm_f32_on(
         // block, right before using it. Packing B once for all threads costs a second hand-off
         // and moves every packed line from the core that wrote it to the one that reads it,
         // which for so few rows costs more than packing twice.
-        if n > m && m * n <= COLUMN_SPLIT_MAX {
+        if n > m && m * n <= COLUMN_SPLIT_MAX && k >= COLUMN_SPLIT_MIN_DEPTH {
             return column_split(simd, pool, a, b, k, c, n, accumulate, epi);
         }
         let items = bands(c, m, n, threads.min(tiles));
