@@ -320,8 +320,11 @@ impl rill_graph::IntraOpPool for ThreadPool {
         self.threads.len() + 1
     }
 
-    fn has_spinning_worker(&self) -> bool {
-        self.shared.spinning.load(Ordering::Relaxed) > 0
+    fn idle_workers(&self) -> Option<rill_graph::IdleWorkers> {
+        Some(rill_graph::IdleWorkers {
+            awake: self.shared.spinning.load(Ordering::Relaxed),
+            asleep: self.shared.sleepers.load(Ordering::Relaxed),
+        })
     }
 
     fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -397,14 +400,19 @@ mod tests {
                 // before `spin` has passed since then slept early. (Read first, then the clock:
                 // a test thread held up past the spin proves nothing and checks nothing.)
                 let sleepers = pool.shared.sleepers.load(Ordering::SeqCst);
-                let spinning = rill_graph::IntraOpPool::has_spinning_worker(&pool);
+                let idle = rill_graph::IntraOpPool::idle_workers(&pool).expect("the pool tells");
                 if done.elapsed() < spin {
                     assert_eq!(sleepers, 0, "asleep during its spin");
-                    assert!(spinning, "awake but not counted as spinning");
+                    assert_eq!(
+                        idle,
+                        rill_graph::IdleWorkers { awake: 1, asleep: 0 },
+                        "awake, so idle and awake"
+                    );
                 }
             }
             assert!(asleep_within_10s(&pool), "a worker with spin {spin:?} never went to sleep");
-            assert!(!rill_graph::IntraOpPool::has_spinning_worker(&pool), "asleep, yet counted as spinning");
+            let idle = rill_graph::IntraOpPool::idle_workers(&pool);
+            assert_eq!(idle, Some(rill_graph::IdleWorkers { awake: 0, asleep: 1 }), "asleep");
         }
     }
 }

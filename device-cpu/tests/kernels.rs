@@ -426,48 +426,61 @@ fn matmul_f32_around_block_boundaries() {
 }
 
 #[test]
-fn matmul_bias_relu_chains_run_fused_and_match_the_plain_ops() {
-    // Every product path: serial, few rows split by columns and by rows, many rows sharing a
-    // packed B, B of one sliver, and an empty depth; with intra-op threads for the parallel ones.
+fn matmul_chains_run_fused_and_match_the_plain_ops() {
+    // MatMul → BiasAdd, → BiasAdd → Relu and → ReluGrad, over every product path: serial, few
+    // rows split by columns and by rows, many rows sharing a packed B, B of one sliver, and an
+    // empty depth; with intra-op threads for the parallel ones.
     let shapes = [(3, 5, 7), (128, 300, 256), (200, 64, 100), (700, 90, 70), (130, 200, 10), (4, 0, 6)];
     let opts = SessionOptions { intra_op_parallelism_threads: 3, ..Default::default() };
     let traced = RunOptions { trace_level: TraceLevel::FullTrace, ..Default::default() };
     let mut rng = Rng(41);
     for &(m, k, n) in &shapes {
-        for (ta, tb, relu) in
-            [(false, false, true), (true, false, false), (false, true, true), (true, true, true)]
-        {
+        for (ta, tb, after) in [
+            (false, false, "Relu"),
+            (true, false, "BiasAdd"),
+            (false, true, "ReluGrad"),
+            (true, true, "Relu"),
+        ] {
             let g = Graph::new();
             let a = g.placeholder("a", DType::F32, if ta { [k, m] } else { [m, k] });
             let b = g.placeholder("b", DType::F32, if tb { [n, k] } else { [k, n] });
-            let bias = g.placeholder("bias", DType::F32, [n]);
+            let extra_shape = if after == "ReluGrad" { vec![m, n] } else { vec![n] };
+            let extra = g.placeholder("extra", DType::F32, PartialShape::from(&extra_shape[..]));
             let product = g.matmul_t(a, b, ta, tb);
-            let y = if relu { g.relu(g.bias_add(product, bias)) } else { g.bias_add(product, bias) };
-            let (av, bv, cv) =
-                (rng.values(m * k, -1.0, 1.0), rng.values(k * n, -1.0, 1.0), rng.values(n, -1.0, 1.0));
+            let y = match after {
+                "Relu" => g.relu(g.bias_add(product, extra)),
+                "BiasAdd" => g.bias_add(product, extra),
+                _ => g.custom(core_op("ReluGrad"), "relu_grad", &[product, extra], Attrs::new()),
+            };
+            // Features around zero, some exactly zero, for ReluGrad.
+            let ev: Vec<f64> = rng.values(extra_shape.iter().product(), -1.0, 1.0);
+            let ev: Vec<f64> =
+                ev.iter().enumerate().map(|(i, &x)| if i % 7 == 0 { 0.0 } else { x }).collect();
             let feeds = [
-                (a, make(DType::F32, &if ta { [k, m] } else { [m, k] }, &av)),
-                (b, make(DType::F32, &if tb { [n, k] } else { [k, n] }, &bv)),
-                (bias, make(DType::F32, &[n], &cv)),
+                (a, make(DType::F32, &if ta { [k, m] } else { [m, k] }, &rng.values(m * k, -1.0, 1.0))),
+                (b, make(DType::F32, &if tb { [n, k] } else { [k, n] }, &rng.values(k * n, -1.0, 1.0))),
+                (extra, make(DType::F32, &extra_shape, &ev)),
             ];
             let (af, bf) = (feeds[0].1.to_f64_vec().unwrap(), feeds[1].1.to_f64_vec().unwrap());
-            let cf = feeds[2].1.to_f64_vec().unwrap();
+            let ef = feeds[2].1.to_f64_vec().unwrap();
             let mut want = matmul_ref(&af, &bf, m, k, n, ta, tb);
             for (i, v) in want.iter_mut().enumerate() {
-                *v += cf[i % n];
-                if relu {
-                    *v = v.max(0.0);
-                }
+                *v = match after {
+                    "Relu" => (*v + ef[i % n]).max(0.0),
+                    "BiasAdd" => *v + ef[i % n],
+                    _ if ef[i] > 0.0 => *v,
+                    _ => 0.0,
+                };
             }
-            let what =
-                format!("MatMul+BiasAdd{} {m}x{k}x{n} ta={ta} tb={tb}", if relu { "+Relu" } else { "" });
+            let what = format!("MatMul -> {after} {m}x{k}x{n} ta={ta} tb={tb}");
             let t = tol(DType::F32) * (k as f64).sqrt().max(1.0) * 2.0;
             let sess = DirectSession::new(&g, &cpu_runtime(), opts.clone()).unwrap();
             let mut md = RunMetadata::default();
             let got = sess.run_with_metadata(&feeds, &[y], &[], &traced, Some(&mut md)).unwrap();
             let ran: Vec<&str> = md.step_stats.nodes.iter().map(|s| s.op.as_str()).collect();
+            let unfused = ["MatMul", "BiasAdd", "Relu", "ReluGrad"];
             assert!(
-                ran.contains(&"_FusedMatMul") && !ran.iter().any(|&op| op == "MatMul" || op == "BiasAdd"),
+                ran.contains(&"_FusedMatMul") && !ran.iter().any(|op| unfused.contains(op)),
                 "{what}: ran {ran:?}"
             );
             assert_close(&what, &got[0], &[m, n], &want, t);
@@ -490,8 +503,16 @@ fn matmul_bias_relu_chains_run_fused_and_match_the_plain_ops() {
     assert!(err.code == Code::InvalidArgument && err.msg.contains("biases"), "{err}");
     let err = fused(make(DType::F64, &[2, 2], &[0.0; 4]), make(DType::F64, &[2], &[0.0; 2])).unwrap_err();
     assert_eq!(err.code, Code::InvalidArgument, "{err}");
-    let ok = fused(square, make(DType::F32, &[2], &[1.0, -1.0])).unwrap();
+    let ok = fused(square.clone(), make(DType::F32, &[2], &[1.0, -1.0])).unwrap();
     assert_close("_FusedMatMul 2x2", &ok[0], &[2, 2], &[8.0, 9.0, 16.0, 21.0], 0.0);
+    let relu_grad = |features: Tensor| {
+        let ops = vec!["ReluGrad".to_string()];
+        eval("_FusedMatMul", &[square.clone(), square.clone(), features], attrs! { "fused_ops" => ops })
+    };
+    let err = relu_grad(make(DType::F32, &[2], &[1.0; 2])).unwrap_err();
+    assert!(err.code == Code::InvalidArgument && err.msg.contains("features"), "{err}");
+    let ok = relu_grad(make(DType::F32, &[2, 2], &[1.0, 0.0, -1.0, f64::NAN])).unwrap();
+    assert_close("_FusedMatMul ReluGrad 2x2", &ok[0], &[2, 2], &[7.0, 0.0, 0.0, 0.0], 0.0);
 }
 
 // ---- reductions ----

@@ -35,11 +35,20 @@ pub type Task = Box<dyn FnOnce() + Send + 'static>;
 pub trait IntraOpPool: Send + Sync {
     fn num_threads(&self) -> usize;
     fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync));
-    /// Whether a worker is idle but awake now, so a chunk handed out starts at once: kernels may
-    /// then split work too small to be worth waking a sleeping thread for.
-    fn has_spinning_worker(&self) -> bool {
-        false
+    /// The pool's idle workers now, where it can tell: a hint for whether to split work at all
+    /// (with every worker busy, a split only adds contention) and how small a split pays.
+    fn idle_workers(&self) -> Option<IdleWorkers> {
+        None
     }
+}
+
+/// Idle workers of an intra-op pool at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdleWorkers {
+    /// Awake and looking for work: a chunk handed out starts at once.
+    pub awake: usize,
+    /// Asleep: a chunk handed out waits for a wake-up (tens of microseconds on a busy VM).
+    pub asleep: usize,
 }
 
 /// An intra-op pool that runs everything on the calling thread.

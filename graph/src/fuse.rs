@@ -1,13 +1,30 @@
 //! Kernel fusion on a partition before it runs: `MatMul → BiasAdd (→ Relu)` becomes one
-//! `_FusedMatMul` node where the device has a kernel for it, as TensorFlow's remapper does. The
+//! `_FusedMatMul` node where the device has a kernel for it, as TensorFlow's remapper does, and
+//! so does `MatMul → ReluGrad` (the backward pass through a ReLU layer). The
 //! fused node keeps the last node's name, outputs and place, so fetches, sends and errors name
 //! what the user built; the product, bias and activation then share one pass over the output,
 //! done by each thread on the part it computed.
 
 use crate::{AttrValue, AttrsExt, DType, GraphDef, KernelRegistry, NodeDef, NodeId, Output};
 
-/// The op that replaces a fusable chain; its `fused_ops` attribute lists what follows the product.
+/// The op that replaces a fusable chain; its `fused_ops` attribute lists what follows the product
+/// (`BiasAdd`, `BiasAdd` then `Relu`, or `ReluGrad`), and its third input is what that takes
+/// besides the product (the bias, or ReluGrad's features).
 pub const FUSED_MATMUL: &str = "_FusedMatMul";
+
+const BIAS_RELU: [&str; 2] = ["BiasAdd", "Relu"];
+const BIAS: [&str; 1] = ["BiasAdd"];
+const RELU_GRAD: [&str; 1] = ["ReluGrad"];
+
+/// A fusable chain: the product, the BiasAdd between it and a Relu, the last node, what follows
+/// the product, and the fused node's third input.
+struct Chain {
+    mm: usize,
+    mid: Option<usize>,
+    last: usize,
+    ops: &'static [&'static str],
+    extra: Output,
+}
 
 /// The partition with every fusable chain replaced, or `None` when nothing was fused (or
 /// `device_type` has no fused kernel).
@@ -34,44 +51,46 @@ pub fn fuse_matmul_bias(g: &GraphDef, kernels: &KernelRegistry, device_type: &st
     };
     let f32_matmul =
         |m: usize| g.nodes[m].outputs.first().is_some_and(|t| t.dtype == DType::F32 && !t.is_ref);
-    // (MatMul, BiasAdd, last node, with ReLU) per chain; a BiasAdd joins at most one chain.
-    let mut chains: Vec<(usize, usize, usize, bool)> = Vec::new();
+    // The chains, longest first: a BiasAdd that ends up inside a Relu chain ends no other.
+    let mut chains: Vec<Chain> = Vec::new();
     let mut in_chain = vec![false; n];
-    for relu in [true, false] {
+    let kinds: [(&'static [&'static str], &str); 3] =
+        [(&BIAS_RELU, "Relu"), (&BIAS, "BiasAdd"), (&RELU_GRAD, "ReluGrad")];
+    for (ops, last_op) in kinds {
         for (last, node) in g.nodes.iter().enumerate() {
-            let bias_add = if relu {
-                if node.op != "Relu" {
-                    continue;
-                }
-                match sole_producer(last, "BiasAdd") {
-                    Some(b) => b,
-                    None => continue,
-                }
-            } else if node.op == "BiasAdd" {
-                last
-            } else {
-                continue;
-            };
-            if in_chain[bias_add] || g.nodes[bias_add].inputs.len() != 2 {
+            if node.op != last_op || in_chain[last] {
                 continue;
             }
-            let Some(mm) = sole_producer(bias_add, "MatMul").filter(|&m| f32_matmul(m)) else {
+            let mid = match last_op {
+                "Relu" => match sole_producer(last, "BiasAdd") {
+                    Some(b) => Some(b),
+                    None => continue,
+                },
+                _ => None,
+            };
+            // The node that takes the product, with the fused node's third input as its second.
+            let taker = mid.unwrap_or(last);
+            if g.nodes[taker].inputs.len() != 2 || in_chain[taker] {
+                continue;
+            }
+            let Some(mm) = sole_producer(taker, "MatMul").filter(|&m| f32_matmul(m)) else {
                 continue;
             };
-            for i in [mm, bias_add, last] {
+            for i in [Some(mm), mid, Some(last)].into_iter().flatten() {
                 in_chain[i] = true;
             }
-            chains.push((mm, bias_add, last, relu));
+            chains.push(Chain { mm, mid, last, ops, extra: g.nodes[taker].inputs[1] });
         }
     }
     if chains.is_empty() {
         return None;
     }
     let mut nodes: Vec<Option<NodeDef>> = g.nodes.iter().cloned().map(Some).collect();
-    for &(mm, bias_add, last, relu) in &chains {
-        let (m, b, l) = (&g.nodes[mm], &g.nodes[bias_add], &g.nodes[last]);
+    for chain in &chains {
+        let (m, l) = (&g.nodes[chain.mm], &g.nodes[chain.last]);
         let mut control: Vec<NodeId> = Vec::new();
-        for c in m.control_inputs.iter().chain(&b.control_inputs).chain(&l.control_inputs) {
+        let mid_control = chain.mid.map(|b| g.nodes[b].control_inputs.as_slice()).unwrap_or_default();
+        for c in m.control_inputs.iter().chain(mid_control).chain(&l.control_inputs) {
             if !control.contains(c) {
                 control.push(*c);
             }
@@ -81,21 +100,19 @@ pub fn fuse_matmul_bias(g: &GraphDef, kernels: &KernelRegistry, device_type: &st
         for t in ["transpose_a", "transpose_b"] {
             attrs.insert(t.into(), AttrValue::Bool(m.attrs.bool_or(t, false)));
         }
-        let ops =
-            if relu { vec!["BiasAdd".to_string(), "Relu".to_string()] } else { vec!["BiasAdd".to_string()] };
-        attrs.insert("fused_ops".into(), AttrValue::Strs(ops));
-        nodes[last] = Some(NodeDef {
+        attrs.insert("fused_ops".into(), AttrValue::Strs(chain.ops.iter().map(|o| o.to_string()).collect()));
+        nodes[chain.last] = Some(NodeDef {
             name: l.name.clone(),
             op: FUSED_MATMUL.into(),
-            inputs: vec![m.inputs[0], m.inputs[1], b.inputs[1]],
+            inputs: vec![m.inputs[0], m.inputs[1], chain.extra],
             control_inputs: control,
             device: l.device.clone(),
             attrs,
             outputs: l.outputs.clone(),
         });
-        nodes[mm] = None;
-        if bias_add != last {
-            nodes[bias_add] = None;
+        nodes[chain.mm] = None;
+        if let Some(b) = chain.mid {
+            nodes[b] = None;
         }
     }
     // Renumber what is left; no kept node reads a removed one (each fed only its chain).
@@ -162,10 +179,26 @@ mod tests {
         let shared = g.matmul_t(x, w, false, true);
         let kept = g.bias_add(shared, b);
         let also = g.identity(shared);
+        // MatMul → ReluGrad (the product as the gradients): fused with the features as input.
+        let relu_grad = |dy: Output, features: Output| {
+            g.custom(crate::ops::core_op("ReluGrad"), "relu_grad", &[dy, features], crate::Attrs::new())
+        };
+        let dx = relu_grad(g.matmul_t(x, x, true, false), g.placeholder("f", DType::F32, [3, 3]));
+        // The product as the features is no gradient chain.
+        let not_grad = relu_grad(g.placeholder("dy", DType::F32, [4, 5]), g.matmul_t(x, w, false, true));
         let def = g.to_graph_def();
-        let fused = fuse_matmul_bias(&def, &cpu_fused(), "CPU").expect("two chains fuse");
+        let fused = fuse_matmul_bias(&def, &cpu_fused(), "CPU").expect("three chains fuse");
         fused.validate().unwrap();
-        assert_eq!(fused.nodes.len(), def.nodes.len() - 3, "{:?}", ops(&fused));
+        assert_eq!(fused.nodes.len(), def.nodes.len() - 4, "{:?}", ops(&fused));
+        let grad = find(&fused, &def.node(dx.node).name);
+        assert_eq!(
+            (grad.op.as_str(), grad.attrs.strs("fused_ops").unwrap()),
+            (FUSED_MATMUL, &["ReluGrad".to_string()][..])
+        );
+        let names: Vec<&str> = grad.inputs.iter().map(|o| fused.node(o.node).name.as_str()).collect();
+        assert_eq!(names, ["x", "x", "f"]);
+        assert!(grad.attrs.bool_or("transpose_a", false) && !grad.attrs.bool_or("transpose_b", true));
+        assert_eq!(find(&fused, &def.node(not_grad.node).name).op, "ReluGrad");
         let relu = find(&fused, &def.node(h.node).name);
         assert_eq!(relu.op, FUSED_MATMUL);
         assert_eq!(relu.attrs.strs("fused_ops").unwrap(), ["BiasAdd", "Relu"]);

@@ -33,7 +33,7 @@ pub use half;
 
 pub use attr::{AttrValue, Attrs, AttrsExt};
 pub use cancel::{CancelToken, CancellationManager};
-pub use device::{Device, DeviceAttributes, DeviceFactory, IntraOpPool, Task};
+pub use device::{Device, DeviceAttributes, DeviceFactory, IdleWorkers, IntraOpPool, Task};
 pub use device_name::DeviceName;
 pub use error::{Code, Error, Result};
 pub use executor::Executor;

@@ -164,24 +164,33 @@ fn product_dims(c: &InferCtx) -> Result<(Option<usize>, Option<usize>)> {
     Ok((m, n))
 }
 
-/// `fuse::FUSED_MATMUL`: MatMul of inputs 0 and 1 in f32, plus bias input 2 (one per column),
-/// then the `fused_ops` after the bias.
+/// `fuse::FUSED_MATMUL`: MatMul of inputs 0 and 1 in f32, then the `fused_ops` with input 2: a
+/// bias per column (`BiasAdd`, optionally then `Relu`) or ReluGrad's features (`ReluGrad`).
 fn infer_fused_matmul(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     c.expect_inputs(3)?;
     if c.same_dtype(&[0, 1, 2])? != DType::F32 {
         return Err(bad("_FusedMatMul is f32 only"));
     }
-    c.expect_rank(2, 1)?;
-    let ops = c.attrs.strs("fused_ops")?;
-    if !matches!(ops, [b] if b == "BiasAdd") && !matches!(ops, [b, r] if b == "BiasAdd" && r == "Relu") {
-        return Err(bad(format!("_FusedMatMul cannot fuse {ops:?}")));
-    }
     let (m, n) = product_dims(c)?;
-    let bias = c.shape(2);
-    if let (Some(x), Some(y)) = (n, bias.dim(0)) {
-        if x != y {
-            return Err(bad(format!("{y} biases for {x} columns")));
+    let extra = c.shape(2);
+    let ops = c.attrs.strs("fused_ops")?;
+    match ops {
+        [b] | [b, _] if b == "BiasAdd" && ops.get(1).is_none_or(|r| r == "Relu") => {
+            c.expect_rank(2, 1)?;
+            if let (Some(x), Some(y)) = (n, extra.dim(0)) {
+                if x != y {
+                    return Err(bad(format!("{y} biases for {x} columns")));
+                }
+            }
         }
+        [r] if r == "ReluGrad" => {
+            c.expect_rank(2, 2)?;
+            let out = PartialShape::from(vec![m, n]);
+            if !out.compatible(extra) {
+                return Err(bad(format!("ReluGrad features of shape {extra} for a product of shape {out}")));
+            }
+        }
+        other => return Err(bad(format!("_FusedMatMul cannot fuse {other:?}"))),
     }
     Ok(vec![ti(DType::F32, PartialShape::from(vec![m, n]))])
 }

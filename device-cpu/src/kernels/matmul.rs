@@ -708,24 +708,40 @@ fn gemm_f32(
     gemm_f32_on(has_avx2_fma(), pool, a, b, k, c, n, accumulate, None)
 }
 
-/// What `_FusedMatMul` does after the product: add one bias per column, then ReLU when `relu`.
-/// Each thread applies it to the part of C it has just finished, while that part is in its
-/// cache.
+/// What `_FusedMatMul` does after the product. Each thread applies it to the part of C it has
+/// just finished, while that part is in its cache.
 #[derive(Clone, Copy)]
-struct Epilogue<'a> {
-    bias: &'a [f32],
-    relu: bool,
+enum Epilogue<'a> {
+    /// Adds one bias per column, then ReLU when `relu`.
+    Bias { bias: &'a [f32], relu: bool },
+    /// ReluGrad with the product as the gradients: zero where the features (C's shape, `n`
+    /// wide) are not positive.
+    ReluGrad { features: &'a [f32], n: usize },
 }
 
 impl Epilogue<'_> {
-    /// Applies to columns `c0..c0 + nc` of each `ld`-wide row of `rows`, which are C's columns
-    /// `j0..j0 + nc`.
-    fn apply(&self, rows: &mut [f32], ld: usize, c0: usize, j0: usize, nc: usize) {
-        let bias = &self.bias[j0..j0 + nc];
-        for row in rows.chunks_exact_mut(ld) {
-            for (v, b) in row[c0..c0 + nc].iter_mut().zip(bias) {
-                let x = *v + b;
-                *v = if self.relu { x.max(0.0) } else { x };
+    /// Applies to columns `c0..c0 + nc` of each `ld`-wide row of `rows`, which are C's rows
+    /// `i0..` and columns `j0..j0 + nc`.
+    fn apply(&self, rows: &mut [f32], ld: usize, i0: usize, c0: usize, j0: usize, nc: usize) {
+        for (r, row) in rows.chunks_exact_mut(ld).enumerate() {
+            let row = &mut row[c0..c0 + nc];
+            match *self {
+                Epilogue::Bias { bias, relu } => {
+                    for (v, b) in row.iter_mut().zip(&bias[j0..j0 + nc]) {
+                        let x = *v + b;
+                        // As the Relu kernel (NaN included): x where positive, else 0.
+                        let relu_x = if x > 0.0 { x } else { 0.0 };
+                        *v = if relu { relu_x } else { x };
+                    }
+                }
+                Epilogue::ReluGrad { features, n } => {
+                    let f = &features[(i0 + r) * n + j0..][..nc];
+                    for (v, &x) in row.iter_mut().zip(f) {
+                        // As the ReluGrad kernel: the gradient where the feature is positive. A
+                        // select, not a branch: the signs of features follow no pattern.
+                        *v = if x > 0.0 { *v } else { 0.0 };
+                    }
+                }
             }
         }
     }
@@ -754,14 +770,22 @@ fn gemm_f32_on(
             c.fill(0.0);
         }
         if let Some(e) = epi {
-            e.apply(c, n, 0, 0, n);
+            e.apply(c, n, 0, 0, 0, n);
         }
         return;
     }
     let m = c.len() / n;
     let macs = m * n * k;
-    let serial =
-        macs < PARALLEL_MIN_FLOPS && (macs < SPINNING_PARALLEL_MIN_FLOPS || !pool.has_spinning_worker());
+    let split = match pool.idle_workers() {
+        None => macs >= PARALLEL_MIN_FLOPS,
+        // With every worker busy (another op's chunks), splitting only adds contention: two
+        // products at once each on one thread take as long as one after the other on two.
+        Some(idle) => {
+            (idle.awake > 0 && macs >= SPINNING_PARALLEL_MIN_FLOPS)
+                || (idle.asleep > 0 && macs >= PARALLEL_MIN_FLOPS)
+        }
+    };
+    let serial = !split;
     let pool: &dyn IntraOpPool = if serial { &InlinePool } else { pool };
     let threads = pool.num_threads().max(1);
     // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
@@ -781,7 +805,7 @@ fn gemm_f32_on(
                 row_band(simd, &a, PackedB::Own(&b), k, i0, &mut *rows, n, j0, group.min(n - j0), accumulate);
             }
             if let Some(e) = epi {
-                e.apply(rows, n, 0, 0, n);
+                e.apply(rows, n, i0, 0, 0, n);
             }
         });
         return;
@@ -818,7 +842,7 @@ fn gemm_f32_on(
             parallel_items(pool, items, |_, (i0, rows)| {
                 row_band(simd, &a, PackedB::Shared(pb), k, i0, rows, n, j0, nc, accumulate);
                 if let Some(e) = epi {
-                    e.apply(rows, n, j0, j0, nc);
+                    e.apply(rows, n, i0, j0, j0, nc);
                 }
             });
         });
@@ -865,7 +889,7 @@ fn column_split(
             let bj = Operand { data: &b.data[if b.trans { j0 * b.ld } else { j0 }..], ..b };
             row_band(simd, &a, PackedB::Own(&bj), k, 0, part, nc, 0, nc, accumulate);
             if let Some(e) = epi {
-                e.apply(part, nc, 0, j0, nc);
+                e.apply(part, nc, 0, 0, j0, nc);
             }
         });
     }
@@ -1050,43 +1074,58 @@ impl MatMulK {
     }
 }
 
-/// `_FusedMatMul` (see `rill_graph::fuse`): the f32 product with its bias, and ReLU when fused,
-/// applied by the threads that computed each part of it.
+/// `_FusedMatMul` (see `rill_graph::fuse`): the f32 product with what follows it (bias and ReLU,
+/// or ReluGrad) applied by the threads that computed each part of it.
 struct FusedMatMulK {
     mm: MatMulK,
-    relu: bool,
+    /// `Some(relu)` for a bias (then ReLU or not), `None` for ReluGrad.
+    bias: Option<bool>,
 }
 
 pub fn create_fused_matmul(init: &KernelInit<'_>) -> Result<Kernel> {
     let a = init.attrs();
-    let relu = match a.strs("fused_ops")? {
-        [b] if b == "BiasAdd" => false,
-        [b, r] if b == "BiasAdd" && r == "Relu" => true,
+    let bias = match a.strs("fused_ops")? {
+        [b] if b == "BiasAdd" => Some(false),
+        [b, r] if b == "BiasAdd" && r == "Relu" => Some(true),
+        [r] if r == "ReluGrad" => None,
         other => return Err(Error::invalid_argument(format!("_FusedMatMul cannot fuse {other:?}"))),
     };
     let mm = MatMulK { ta: a.bool_or("transpose_a", false), tb: a.bool_or("transpose_b", false) };
-    Ok(Kernel::expensive(FusedMatMulK { mm, relu }))
+    Ok(Kernel::expensive(FusedMatMulK { mm, bias }))
 }
 
 impl OpKernel for FusedMatMulK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
-        let (a, b, bias) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
-        if [a, b, bias].iter().any(|t| t.dtype() != DType::F32) {
+        let (a, b, extra) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?);
+        if [a, b, extra].iter().any(|t| t.dtype() != DType::F32) {
             return Err(Error::invalid_argument(format!(
                 "_FusedMatMul takes f32 inputs, got {}, {} and {}",
                 a.dtype(),
                 b.dtype(),
-                bias.dtype()
+                extra.dtype()
             )));
         }
         let (m, k, n) = dims(a.shape(), b.shape(), self.mm.ta, self.mm.tb)?;
-        if bias.shape().rank() != 1 || bias.shape().dim(0) != n {
-            return Err(Error::invalid_argument(format!(
-                "Must provide as many biases as the last dimension of the product: {} vs. {n}",
-                bias.shape()
-            )));
-        }
-        let epi = Epilogue { bias: bias.as_slice::<f32>()?, relu: self.relu };
+        let epi = match self.bias {
+            Some(relu) => {
+                if extra.shape().rank() != 1 || extra.shape().dim(0) != n {
+                    return Err(Error::invalid_argument(format!(
+                        "Must provide as many biases as the last dimension of the product: {} vs. {n}",
+                        extra.shape()
+                    )));
+                }
+                Epilogue::Bias { bias: extra.as_slice::<f32>()?, relu }
+            }
+            None => {
+                if extra.shape() != &Shape::matrix(m, n) {
+                    return Err(Error::invalid_argument(format!(
+                        "ReluGrad features of shape {} for a product of shape [{m}, {n}]",
+                        extra.shape()
+                    )));
+                }
+                Epilogue::ReluGrad { features: extra.as_slice::<f32>()?, n }
+            }
+        };
         let out = self.mm.f32_product(ctx, a, b, (m, k, n), Some(&epi))?;
         ctx.set_output(0, out);
         Ok(())
