@@ -95,7 +95,7 @@ impl Executor {
         device: Arc<dyn Device>,
     ) -> Result<Executor> {
         graph.validate()?;
-        let fused = crate::fuse::fuse_matmul_bias(graph, kernels, device.device_type());
+        let fused = crate::fuse::fuse_matmul_chains(graph, kernels, device.device_type());
         let graph = fused.as_ref().unwrap_or(graph);
         let n = graph.nodes.len();
         let mut slot_base = Vec::with_capacity(n);

@@ -28,7 +28,7 @@ struct Chain {
 
 /// The partition with every fusable chain replaced, or `None` when nothing was fused (or
 /// `device_type` has no fused kernel).
-pub fn fuse_matmul_bias(g: &GraphDef, kernels: &KernelRegistry, device_type: &str) -> Option<GraphDef> {
+pub fn fuse_matmul_chains(g: &GraphDef, kernels: &KernelRegistry, device_type: &str) -> Option<GraphDef> {
     if !kernels.has_op(FUSED_MATMUL, device_type) {
         return None;
     }
@@ -187,7 +187,7 @@ mod tests {
         // The product as the features is no gradient chain.
         let not_grad = relu_grad(g.placeholder("dy", DType::F32, [4, 5]), g.matmul_t(x, w, false, true));
         let def = g.to_graph_def();
-        let fused = fuse_matmul_bias(&def, &cpu_fused(), "CPU").expect("three chains fuse");
+        let fused = fuse_matmul_chains(&def, &cpu_fused(), "CPU").expect("three chains fuse");
         fused.validate().unwrap();
         assert_eq!(fused.nodes.len(), def.nodes.len() - 4, "{:?}", ops(&fused));
         let grad = find(&fused, &def.node(dx.node).name);
@@ -229,8 +229,8 @@ mod tests {
         let x = g.placeholder("x", DType::F32, [4, 3]);
         let _ = g.relu(g.bias_add(g.matmul_t(x, x, true, false), g.zeros([3])));
         let def = g.to_graph_def();
-        assert!(fuse_matmul_bias(&def, &cpu_fused(), "GPU").is_none());
-        assert!(fuse_matmul_bias(&def, &KernelRegistry::new(), "CPU").is_none());
+        assert!(fuse_matmul_chains(&def, &cpu_fused(), "GPU").is_none());
+        assert!(fuse_matmul_chains(&def, &KernelRegistry::new(), "CPU").is_none());
         let g = Graph::new();
         let x = g.placeholder("x", DType::F64, [4, 3]);
         let _ = g.relu(g.bias_add(
@@ -238,6 +238,6 @@ mod tests {
             g.fill(crate::Shape::vector(3), crate::Tensor::scalar(0f64)),
         ));
         let _ = g.relu(g.bias_add(g.placeholder("y", DType::F32, [2, 2]), g.zeros([2])));
-        assert!(fuse_matmul_bias(&g.to_graph_def(), &cpu_fused(), "CPU").is_none(), "f64, or no product");
+        assert!(fuse_matmul_chains(&g.to_graph_def(), &cpu_fused(), "CPU").is_none(), "f64, or no product");
     }
 }

@@ -785,8 +785,7 @@ fn gemm_f32_on(
                 || (idle.asleep > 0 && macs >= PARALLEL_MIN_FLOPS)
         }
     };
-    let serial = !split;
-    let pool: &dyn IntraOpPool = if serial { &InlinePool } else { pool };
+    let pool: &dyn IntraOpPool = if split { pool } else { &InlinePool };
     let threads = pool.num_threads().max(1);
     // Columns packed at once: all of them unless op(B) is larger than `PACKED_B_MAX`.
     let group = (PACKED_B_MAX / k / NR).max(1) * NR;
@@ -1053,9 +1052,7 @@ impl MatMulK {
         gemm_plain::<T>(pool, oa, ob, k, out.as_mut_slice::<T>()?, n.max(1));
         Ok(out)
     }
-}
 
-impl MatMulK {
     /// The f32 product of `a` and `b` (`m`×`k` by `k`×`n`) in a fresh output, `epi` applied.
     fn f32_product(
         &self,
