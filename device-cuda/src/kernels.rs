@@ -269,6 +269,55 @@ fn binary_into(
     dev.launch(&format!("binary_{sfx}"), grid_1d(n), &args)
 }
 
+/// `x` broadcast to `shape` (NumPy's rules, `x` never the larger) in new device memory: the
+/// binary kernel's `max(x, x)` with both operands read through `x`'s broadcast strides.
+pub fn broadcast_to(dev: &CudaDevice, x: &Tensor, shape: Shape) -> Result<Tensor> {
+    let sfx = suffix(x.dtype())?;
+    let (out, mut bc) = broadcast(x.shape(), &shape)?;
+    if out != shape {
+        return Err(Error::invalid_argument(format!("cannot broadcast {} to {shape}", x.shape())));
+    }
+    bc.copy_within(9..17, 17);
+    let x = dev.on_device(x)?;
+    let y = dev.alloc(x.dtype(), shape)?;
+    binary_into(dev, sfx, BinaryOp::Maximum, &x, &x, &y, bc)?;
+    Ok(y)
+}
+
+/// Tile: each dimension `d` repeated `m` times is `x` viewed as `[1, d]` broadcast to `[m, d]`
+/// (a dimension of size 1 or repeated once needs no extra axis), then flattened back.
+pub fn tile(dev: &CudaDevice, x: &Tensor, multiples: &[i64]) -> Result<Tensor> {
+    let dims = x.shape().dims();
+    if multiples.len() != dims.len() {
+        return Err(Error::invalid_argument(format!(
+            "Expected multiples argument to be a vector of length {} but got length {}",
+            dims.len(),
+            multiples.len()
+        )));
+    }
+    let (mut from, mut to, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for (&d, &m) in dims.iter().zip(multiples) {
+        let m = usize::try_from(m).map_err(|_| {
+            Error::invalid_argument(format!("Expected multiples[i] >= 0, but got {multiples:?}"))
+        })?;
+        if m != 1 && d != 1 {
+            from.push(1);
+            to.push(m);
+        }
+        from.push(d);
+        to.push(if d == 1 { m } else { d });
+        out.push(d * m);
+    }
+    if to.len() > MAX_RANK {
+        return Err(Error::unimplemented(format!(
+            "Tile of shape {} by {multiples:?} on the GPU needs {} dimensions (at most {MAX_RANK})",
+            x.shape(),
+            to.len()
+        )));
+    }
+    broadcast_to(dev, &x.reshape(Shape::new(&from)?)?, Shape::new(&to)?)?.reshape(Shape::new(&out)?)
+}
+
 pub fn bias_add(dev: &CudaDevice, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let sfx = same_float(x, bias)?;
     let r = x.shape().rank();
@@ -561,6 +610,8 @@ enum GpuOp {
     AddN,
     AssignAdd(BinaryOp),
     Apply(&'static str, usize, Option<bool>),
+    Tile,
+    Fill,
 }
 
 struct GpuK(GpuOp);
@@ -624,6 +675,29 @@ impl OpKernel for GpuK {
                 let args: Vec<Tensor> =
                     (*nslots..ctx.num_inputs()).map(|i| ctx.input(i).cloned()).collect::<Result<_>>()?;
                 apply_refs(dev, kernel, &refs, &args, *flag)?
+            }
+            GpuOp::Tile => {
+                let m = sys::int_vector(&ctx.device().to_host(ctx.input(1)?)?, "multiples")?;
+                tile(dev, ctx.input(0)?, &m)?
+            }
+            GpuOp::Fill => {
+                let dims = sys::int_vector(&ctx.device().to_host(ctx.input(0)?)?, "dims")?;
+                let value = ctx.input(1)?;
+                if value.num_elements() != 1 || value.shape().rank() != 0 {
+                    return Err(Error::invalid_argument(format!(
+                        "value must be a scalar, has shape {}",
+                        value.shape()
+                    )));
+                }
+                let dims: Vec<usize> = dims
+                    .iter()
+                    .map(|&d| {
+                        usize::try_from(d).map_err(|_| {
+                            Error::invalid_argument(format!("dims {dims:?} has a negative size"))
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                broadcast_to(dev, value, Shape::new(&dims)?)?
             }
         };
         ctx.set_output(0, out);
@@ -697,6 +771,8 @@ fn create_gpu(init: &KernelInit<'_>) -> Result<Kernel> {
             "ApplyGradientDescent" => GpuOp::Apply("apply_gd", 1, None),
             "ApplyMomentum" => GpuOp::Apply("apply_momentum", 2, Some(a.bool_or("use_nesterov", false))),
             "ApplyAdam" => GpuOp::Apply("apply_adam", 3, Some(a.bool_or("use_nesterov", false))),
+            "Tile" => GpuOp::Tile,
+            "Fill" => GpuOp::Fill,
             _ => return Err(Error::unimplemented(format!("no GPU kernel for op {op}"))),
         }
     };
@@ -733,7 +809,7 @@ macro_rules! gpu_ops {
 }
 
 /// Math kernels: each accepts f32, f16 and bf16 on input 0.
-const MATH: [KernelDef; 49] = gpu_ops![
+const MATH: [KernelDef; 48] = gpu_ops![
     "Neg",
     "Abs",
     "Square",
@@ -781,34 +857,49 @@ const MATH: [KernelDef; 49] = gpu_ops![
     "ApplyGradientDescent",
     "ApplyMomentum",
     "ApplyAdam",
-    "Identity",
-    "StopGradient",
+    "Tile",
+];
+
+/// Ints a GPU graph holds in host memory, as TensorFlow's `HostMemory` arguments do: constants of
+/// these types stay on the host, and GPU kernels read shapes and axes from there.
+const HOST_CONSTANTS: &[DType] = &[DType::I32, DType::I64, DType::Bool];
+
+/// The other kernels: data flow, constants, variables, and the shape kernels that touch no
+/// element (any dtype: their outputs share their input's memory).
+const OTHERS: [KernelDef; 19] = [
+    KernelDef::new("Identity", "GPU", sys::create_identity),
+    KernelDef::new("StopGradient", "GPU", sys::create_identity),
+    KernelDef::new("PlaceholderWithDefault", "GPU", sys::create_identity),
+    KernelDef::new("Const", "GPU", create_const).types(TypeOf::Output(0), F),
+    KernelDef::new("Const", "GPU", sys::create_const).types(TypeOf::Output(0), HOST_CONSTANTS),
+    KernelDef::new("NoOp", "GPU", sys::create_no_op),
+    KernelDef::new("VariableV2", "GPU", sys::create_variable).types(TypeOf::Output(0), F),
+    KernelDef::new("Assign", "GPU", sys::create_assign).types(TypeOf::Input(1), F),
+    KernelDef::new("IsVariableInitialized", "GPU", sys::create_is_initialized).types(TypeOf::Input(0), F),
+    KernelDef::new("_Arg", "GPU", sys::create_arg),
+    KernelDef::new("_Retval", "GPU", sys::create_retval),
+    KernelDef::new("_Send", "GPU", sys::create_send),
+    KernelDef::new("_Recv", "GPU", sys::create_recv),
+    KernelDef::new("SparseSoftmaxCrossEntropyWithLogits", "GPU", create_gpu).types(TypeOf::Input(1), LABELS),
+    KernelDef::new("Fill", "GPU", create_gpu).types(TypeOf::Input(1), F),
+    KernelDef::new("Reshape", "GPU", sys::create_reshape),
+    KernelDef::new("ExpandDims", "GPU", sys::create_expand_dims),
+    KernelDef::new("Squeeze", "GPU", sys::create_squeeze),
+    KernelDef::new("Shape", "GPU", sys::create_shape).types(TypeOf::Output(0), LABELS),
 ];
 
 /// Every GPU kernel. Variables exist for float types only: like TensorFlow, an int32 variable has
 /// no GPU kernel and is placed on the CPU.
 pub const KERNELS: &[KernelDef] = &{
-    let mut all = [KernelDef::new("NoOp", "GPU", sys::create_no_op); 60];
+    let mut all = [KernelDef::new("NoOp", "GPU", sys::create_no_op); MATH.len() + OTHERS.len()];
     let mut i = 0;
     while i < MATH.len() {
         all[i] = MATH[i];
         i += 1;
     }
-    // Identity passes any dtype through; the two entries above only served floats.
-    all[47] = KernelDef::new("Identity", "GPU", sys::create_identity);
-    all[48] = KernelDef::new("StopGradient", "GPU", sys::create_identity);
-    all[49] = KernelDef::new("Const", "GPU", create_const).types(TypeOf::Output(0), F);
-    all[50] = KernelDef::new("NoOp", "GPU", sys::create_no_op);
-    all[51] = KernelDef::new("VariableV2", "GPU", sys::create_variable).types(TypeOf::Output(0), F);
-    all[52] = KernelDef::new("Assign", "GPU", sys::create_assign).types(TypeOf::Input(1), F);
-    all[53] =
-        KernelDef::new("IsVariableInitialized", "GPU", sys::create_is_initialized).types(TypeOf::Input(0), F);
-    all[54] = KernelDef::new("_Arg", "GPU", sys::create_arg);
-    all[55] = KernelDef::new("_Retval", "GPU", sys::create_retval);
-    all[56] = KernelDef::new("_Send", "GPU", sys::create_send);
-    all[57] = KernelDef::new("_Recv", "GPU", sys::create_recv);
-    all[58] = KernelDef::new("SparseSoftmaxCrossEntropyWithLogits", "GPU", create_gpu)
-        .types(TypeOf::Input(1), LABELS);
-    all[59] = KernelDef::new("PlaceholderWithDefault", "GPU", sys::create_identity);
+    while i < MATH.len() + OTHERS.len() {
+        all[i] = OTHERS[i - MATH.len()];
+        i += 1;
+    }
     all
 };

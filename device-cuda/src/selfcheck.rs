@@ -285,6 +285,21 @@ pub fn run_all(dev: &CudaDevice) -> Vec<Check> {
             })();
             push(format!("Cast {d} to {to}"), d.max(to), r);
         }
+        // Tile through every case of a dimension: repeated with an extra axis (2 x 3), broadcast
+        // from size 1 (x 4), and repeated (3 x 2); then Fill's scalar broadcast.
+        let v = rng.vec(6, -1.0, 1.0);
+        let r = (|| {
+            let x = rounded(d, &v)?;
+            let want: Vec<f32> = (0..6 * 4 * 6).map(|i| x[(i / 24 % 2) * 3 + i % 6 % 3]).collect();
+            compare(dev, &kernels::tile(dev, &tensor(d, &[2, 1, 3], &v)?, &[3, 4, 2])?, &want, &[6, 4, 6])
+        })();
+        push(format!("Tile {d}"), d, r);
+        let r = (|| {
+            let want = vec![rounded(d, &v[..1])?[0]; 35];
+            let y = kernels::broadcast_to(dev, &tensor(d, &[], &v[..1])?, Shape::new(&[5, 7])?)?;
+            compare(dev, &y, &want, &[5, 7])
+        })();
+        push(format!("Fill {d}"), d, r);
     }
     apply_checks(dev, &mut rng, &mut out);
     out

@@ -312,22 +312,7 @@ pub(crate) const SIGNED: &[DType] =
     &[DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64];
 pub(crate) const INDICES: &[DType] = DType::INDICES;
 
-/// The values of an int32 or int64 tensor (axes, shapes, permutations, sizes).
-pub(crate) fn int_values(t: &Tensor, what: &str) -> Result<Vec<i64>> {
-    match t.dtype() {
-        DType::I32 => Ok(t.as_slice::<i32>()?.iter().map(|&x| x as i64).collect()),
-        DType::I64 => t.to_vec::<i64>(),
-        d => Err(Error::invalid_argument(format!("{what} must be int32 or int64, is {d}"))),
-    }
-}
-
-/// A vector (or scalar) of ints, checked to have rank at most 1.
-pub(crate) fn int_vector(t: &Tensor, what: &str) -> Result<Vec<i64>> {
-    if t.shape().rank() > 1 {
-        return Err(Error::invalid_argument(format!("{what} must be a vector, has shape {}", t.shape())));
-    }
-    int_values(t, what)
-}
+pub(crate) use rill_graph::kernels::{axis_index, int_values, int_vector};
 
 /// A shape from a vector of ints (each ≥ 0).
 pub(crate) fn shape_from_ints(v: &[i64], what: &str) -> Result<Shape> {
@@ -341,18 +326,6 @@ pub(crate) fn shape_from_ints(v: &[i64], what: &str) -> Result<Shape> {
     let s = Shape::new(&dims)?;
     s.checked_num_elements()?;
     Ok(s)
-}
-
-/// Resolves a possibly negative `axis` against `rank`.
-pub(crate) fn axis_index(axis: i64, rank: usize) -> Result<usize> {
-    let r = rank as i64;
-    let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r {
-        return Err(Error::invalid_argument(format!(
-            "axis {axis} is out of range for a tensor of rank {rank} (expected [-{rank}, {rank}))"
-        )));
-    }
-    Ok(a as usize)
 }
 
 /// Runs `f(offset, chunk)` over `out` in chunks whose lengths are multiples of `unit`, on the
@@ -472,6 +445,7 @@ macro_rules! k {
     };
 }
 
+use rill_graph::kernels as sys;
 use TypeOf::{Input, Output};
 
 /// Every CPU kernel of this crate.
@@ -542,15 +516,15 @@ pub const KERNELS: &[KernelDef] = &[
     k!("SumToShape", misc::create_sum_to_shape, Input(0), NUMBERS),
     k!("BroadcastGradientArgs", misc::create_broadcast_gradient_args, Input(0), INDICES),
     // shapes and data movement
-    k!("Reshape", shape_ops::create_reshape, Input(0), FIXED),
+    k!("Reshape", sys::create_reshape, Input(0), FIXED),
     k!("Transpose", shape_ops::create_transpose, Input(0), FIXED),
-    k!("ExpandDims", shape_ops::create_expand_dims, Input(0), FIXED),
-    k!("Squeeze", shape_ops::create_squeeze, Input(0), FIXED),
+    k!("ExpandDims", sys::create_expand_dims, Input(0), FIXED),
+    k!("Squeeze", sys::create_squeeze, Input(0), FIXED),
     k!("ConcatV2", shape_ops::create_concat, Output(0), FIXED),
     k!("Slice", shape_ops::create_slice, Input(0), FIXED),
     k!("Gather", shape_ops::create_gather, Input(0), FIXED),
     k!("Tile", shape_ops::create_tile, Input(0), FIXED),
-    k!("Shape", shape_ops::create_shape, Output(0), INDICES),
+    k!("Shape", sys::create_shape, Output(0), INDICES),
     k!("Fill", shape_ops::create_fill, Input(1), FIXED),
     k!("ZerosLike", shape_ops::create_zeros_like, Input(0), FIXED),
     k!("OnesLike", shape_ops::create_ones_like, Input(0), FIXED),

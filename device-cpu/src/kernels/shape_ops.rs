@@ -1,11 +1,11 @@
-//! Shape and data-movement ops: Reshape, Transpose, ExpandDims, Squeeze, ConcatV2, Slice, Gather,
-//! Tile, Shape, Fill, ZerosLike, OnesLike. They move elements by width, so one body serves
-//! every fixed-size dtype.
+//! Data-movement ops: Transpose, ConcatV2, Slice, Gather, Tile, Fill, ZerosLike, OnesLike. They
+//! move elements by width, so one body serves every fixed-size dtype. (Reshape, ExpandDims,
+//! Squeeze and Shape move no element: they are `rill_graph::kernels`', shared with the GPU.)
 
 use super::{axis_index, by_width, for_chunks, int_values, int_vector, shape_from_ints, words, words_mut};
 use rill_graph::{
-    dispatch_numeric, AttrsExt, DType, Element, Error, IntraOpPool, Kernel, KernelInit, OpKernel,
-    OpKernelContext, Result, Shape, Tensor, MAX_RANK,
+    dispatch_numeric, DType, Element, Error, IntraOpPool, Kernel, KernelInit, OpKernel, OpKernelContext,
+    Result, Shape, Tensor, MAX_RANK,
 };
 
 /// `out[i] = x[base + Σ idx_k · strides_k]` over the multi-index `idx` of `out` in `dims`.
@@ -56,68 +56,6 @@ fn strided_copy<W: Copy + Send + Sync>(
     });
 }
 
-/// The target shape of a Reshape of `n` elements to `target` (one entry may be -1).
-fn reshape_target(n: usize, target: &[i64]) -> Result<Shape> {
-    let mut unknown = None;
-    let mut known = 1usize;
-    for (i, &d) in target.iter().enumerate() {
-        if d == -1 {
-            if unknown.is_some() {
-                return Err(Error::invalid_argument(format!(
-                    "only one input size may be -1, not both {} and {i}",
-                    unknown.unwrap_or(0)
-                )));
-            }
-            unknown = Some(i);
-        } else if d < 0 {
-            return Err(Error::invalid_argument(format!("size {i} must be non-negative, not {d}")));
-        } else {
-            known = known
-                .checked_mul(d as usize)
-                .ok_or_else(|| Error::invalid_argument(format!("requested shape {target:?} is too large")))?;
-        }
-    }
-    let mut dims: Vec<usize> = target.iter().map(|&d| d.max(0) as usize).collect();
-    match unknown {
-        Some(i) => {
-            // An empty input fills the unknown dimension with 0 when the rest multiply to 0.
-            if known == 0 && n == 0 {
-                dims[i] = 0;
-                return Shape::new(&dims);
-            }
-            if known == 0 || (n / known) * known != n {
-                return Err(Error::invalid_argument(format!(
-                    "Input to reshape is a tensor with {n} values, but the requested shape requires a \
-                     multiple of {known}"
-                )));
-            }
-            dims[i] = n / known;
-        }
-        None if known != n => {
-            return Err(Error::invalid_argument(format!(
-                "Input to reshape is a tensor with {n} values, but the requested shape has {known}"
-            )))
-        }
-        None => {}
-    }
-    Shape::new(&dims)
-}
-
-struct ReshapeK;
-impl OpKernel for ReshapeK {
-    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
-        let x = ctx.input(0)?;
-        let target = int_vector(ctx.input(1)?, "shape")?;
-        let out = x.reshape(reshape_target(x.num_elements(), &target)?)?;
-        ctx.set_output(0, out);
-        Ok(())
-    }
-}
-
-pub fn create_reshape(_: &KernelInit<'_>) -> Result<Kernel> {
-    Ok(Kernel::cheap(ReshapeK))
-}
-
 struct TransposeK;
 impl OpKernel for TransposeK {
     fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
@@ -158,65 +96,6 @@ impl OpKernel for TransposeK {
 
 pub fn create_transpose(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(TransposeK, init))
-}
-
-struct ExpandDimsK;
-impl OpKernel for ExpandDimsK {
-    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
-        let x = ctx.input(0)?;
-        let axis = int_values(ctx.input(1)?, "dim")?;
-        let [axis] = axis[..] else {
-            return Err(Error::invalid_argument(format!("dim must hold one value, has {}", axis.len())));
-        };
-        let r = x.shape().rank();
-        let a = axis_index(axis, r + 1)?;
-        let mut dims = x.shape().dims().to_vec();
-        dims.insert(a, 1);
-        let out = x.reshape(Shape::new(&dims)?)?;
-        ctx.set_output(0, out);
-        Ok(())
-    }
-}
-
-pub fn create_expand_dims(_: &KernelInit<'_>) -> Result<Kernel> {
-    Ok(Kernel::cheap(ExpandDimsK))
-}
-
-struct SqueezeK {
-    axes: Vec<i64>,
-}
-impl OpKernel for SqueezeK {
-    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
-        let x = ctx.input(0)?;
-        let s = x.shape();
-        let mut drop = [false; MAX_RANK];
-        if self.axes.is_empty() {
-            for (i, &d) in s.dims().iter().enumerate() {
-                drop[i] = d == 1;
-            }
-        } else {
-            for &a in &self.axes {
-                let i = axis_index(a, s.rank())?;
-                if s.dim(i) != 1 {
-                    return Err(Error::invalid_argument(format!(
-                        "Can not squeeze dim[{i}], expected a dimension of 1, got {}",
-                        s.dim(i)
-                    )));
-                }
-                drop[i] = true;
-            }
-        }
-        let dims: Vec<usize> =
-            s.dims().iter().enumerate().filter(|(i, _)| !drop[*i]).map(|(_, &d)| d).collect();
-        let out = x.reshape(Shape::new(&dims)?)?;
-        ctx.set_output(0, out);
-        Ok(())
-    }
-}
-
-pub fn create_squeeze(init: &KernelInit<'_>) -> Result<Kernel> {
-    let axes = init.attrs().ints("squeeze_dims").map(|v| v.to_vec()).unwrap_or_default();
-    Ok(Kernel::cheap(SqueezeK { axes }))
 }
 
 struct ConcatK;
@@ -426,39 +305,6 @@ impl OpKernel for TileK {
 
 pub fn create_tile(init: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::sized(TileK, init))
-}
-
-struct ShapeK {
-    out_type: DType,
-}
-impl OpKernel for ShapeK {
-    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
-        let dims = ctx.input(0)?.shape().dims().to_vec();
-        let out = match self.out_type {
-            DType::I64 => Tensor::vector(&dims.iter().map(|&d| d as i64).collect::<Vec<_>>()),
-            _ => {
-                let v: Vec<i32> = dims
-                    .iter()
-                    .map(|&d| {
-                        i32::try_from(d).map_err(|_| {
-                            Error::invalid_argument(format!("dimension {d} does not fit out_type int32"))
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                Tensor::vector(&v)
-            }
-        };
-        ctx.set_output(0, out);
-        Ok(())
-    }
-}
-
-pub fn create_shape(init: &KernelInit<'_>) -> Result<Kernel> {
-    let out_type = init.attrs().dtype("out_type").unwrap_or(DType::I32);
-    if !matches!(out_type, DType::I32 | DType::I64) {
-        return Err(Error::invalid_argument(format!("out_type must be int32 or int64, is {out_type}")));
-    }
-    Ok(Kernel::cheap(ShapeK { out_type }))
 }
 
 /// A tensor of `shape` with every element equal to the one element of `value`.
