@@ -7,6 +7,11 @@
 use crate::device::{device_type_priority, DeviceAttributes};
 use crate::{DType, DeviceName, Error, GraphDef, KernelRegistry, OpRegistry, Result};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Per node name, the device types with a kernel for every member of its colocation group in the
+/// session's whole graph (see [`group_support`]).
+pub type GroupSupport = HashMap<String, Vec<&'static str>>;
 
 #[derive(Clone, Debug, Default)]
 pub struct PlacerOptions {
@@ -14,6 +19,10 @@ pub struct PlacerOptions {
     pub log_device_placement: bool,
     /// Fills the job, replica and task of requests that leave them out (the session's task).
     pub default_device: DeviceName,
+    /// The whole graph's groups, which a step's pruned graph may show only in part: a variable
+    /// first placed by its initializer's step must already land where its optimizer's update
+    /// (another step) has a kernel, as when TensorFlow places the whole graph at once.
+    pub group_support: Option<Arc<GroupSupport>>,
 }
 
 /// The device of each node (indexed like the graph) and, per node, why it went there.
@@ -33,6 +42,71 @@ impl Placement {
     pub fn explain(&self, g: &GraphDef) -> String {
         g.nodes.iter().zip(&self.explanations).map(|(n, e)| format!("{} ({}): {e}\n", n.name, n.op)).collect()
     }
+}
+
+/// The colocation groups (reference edges and colocation attributes, by union-find) as lists of
+/// node indices, and per node the reasons it joined its group.
+fn colocation_groups(graph: &GraphDef, ops: &OpRegistry) -> Result<(Vec<Vec<usize>>, Vec<Vec<String>>)> {
+    let n = graph.nodes.len();
+    let names = graph.name_index();
+    let mut parent: Vec<usize> = (0..n).collect();
+    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); n];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let op = ops.get(&node.op).map_err(|e| e.context(format!("node '{}'", node.name)))?;
+        for (k, inp) in node.inputs.iter().enumerate() {
+            let src = inp.node.0 as usize;
+            let dt = graph.nodes[src].outputs[inp.index as usize].dtype;
+            if op.is_ref_input(k) || dt == DType::Resource {
+                union(&mut parent, i, src);
+                reasons[i].push(format!("reference edge from '{}'", graph.nodes[src].name));
+            }
+        }
+        for c in node.colocation_names() {
+            if let Some(&j) = names.get(c) {
+                union(&mut parent, i, j.0 as usize);
+                reasons[i].push(format!("colocated with '{c}'"));
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in 0..n {
+        let r = find(&mut parent, i);
+        groups.entry(r).or_default().push(i);
+    }
+    Ok((groups.into_values().collect(), reasons))
+}
+
+/// Device types with a kernel for every one of `members`.
+fn supported_by_all(graph: &GraphDef, members: &[usize], kernels: &KernelRegistry) -> Vec<&'static str> {
+    let mut supported: Option<Vec<&'static str>> = None;
+    for &m in members {
+        let node = &graph.nodes[m];
+        let dts: Vec<DType> = node
+            .inputs
+            .iter()
+            .map(|o| graph.nodes[o.node.0 as usize].outputs[o.index as usize].dtype)
+            .collect();
+        let types = kernels.device_types_for(node, &dts);
+        supported = Some(match supported {
+            None => types,
+            Some(s) => s.into_iter().filter(|t| types.contains(t)).collect(),
+        });
+    }
+    supported.unwrap_or_default()
+}
+
+/// For [`PlacerOptions::group_support`]: each node of the session's whole graph mapped to the
+/// device types that can run its whole colocation group.
+pub fn group_support(full: &GraphDef, ops: &OpRegistry, kernels: &KernelRegistry) -> Result<GroupSupport> {
+    let (groups, _) = colocation_groups(full, ops)?;
+    let mut out = HashMap::with_capacity(full.nodes.len());
+    for members in groups.iter().filter(|m| m.len() > 1) {
+        let types = supported_by_all(full, members, kernels);
+        for &m in members {
+            out.insert(full.nodes[m].name.clone(), types.clone());
+        }
+    }
+    Ok(out)
 }
 
 fn find(parent: &mut [usize], mut x: usize) -> usize {
@@ -60,47 +134,27 @@ pub fn place(
     opts: &PlacerOptions,
 ) -> Result<Placement> {
     let n = graph.nodes.len();
-    let names = graph.name_index();
-    let mut parent: Vec<usize> = (0..n).collect();
-    let mut reasons: Vec<Vec<String>> = vec![Vec::new(); n];
-    for (i, node) in graph.nodes.iter().enumerate() {
-        let op = ops.get(&node.op).map_err(|e| e.context(format!("node '{}'", node.name)))?;
-        for (k, inp) in node.inputs.iter().enumerate() {
-            let src = inp.node.0 as usize;
-            let dt = graph.nodes[src].outputs[inp.index as usize].dtype;
-            if op.is_ref_input(k) || dt == DType::Resource {
-                union(&mut parent, i, src);
-                reasons[i].push(format!("reference edge from '{}'", graph.nodes[src].name));
-            }
-        }
-        for c in node.colocation_names() {
-            if let Some(&j) = names.get(c) {
-                union(&mut parent, i, j.0 as usize);
-                reasons[i].push(format!("colocated with '{c}'"));
-            }
-        }
-    }
-    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for i in 0..n {
-        let r = find(&mut parent, i);
-        groups.entry(r).or_default().push(i);
-    }
-    let input_types = |i: usize| -> Vec<DType> {
-        graph.nodes[i]
-            .inputs
-            .iter()
-            .map(|o| graph.nodes[o.node.0 as usize].outputs[o.index as usize].dtype)
-            .collect()
-    };
+    let (groups, reasons) = colocation_groups(graph, ops)?;
     let mut out = vec![DeviceName::default(); n];
     let mut expl = vec![String::new(); n];
-    for members in groups.values() {
+    for members in &groups {
         let group_names: Vec<&str> = members.iter().map(|&m| graph.nodes[m].name.as_str()).collect();
         let group_note =
             if members.len() > 1 { format!(" [group: {}]", group_names.join(", ")) } else { String::new() };
-        // Rule 1: an earlier placement of any member holds for the whole group.
+        let mut supported = supported_by_all(graph, members, kernels);
+        if let Some(whole) = &opts.group_support {
+            for &m in members {
+                if let Some(types) = whole.get(&graph.nodes[m].name) {
+                    supported.retain(|t| types.contains(t));
+                }
+            }
+        }
+        // Rule 1: an earlier placement of any member holds for the whole group, while that
+        // device has a kernel for every member (a later step may add members, such as the
+        // gradient ops colocated with a forward op, that it cannot run).
         if let Some(prev) = members.iter().find_map(|&m| previous.get(&graph.nodes[m].name)) {
-            if devices.iter().any(|d| &d.name == prev) {
+            let held = devices.iter().find(|d| &d.name == prev);
+            if held.is_some_and(|d| supported.contains(&d.device_type.as_str())) {
                 for &m in members {
                     out[m] = prev.clone();
                     expl[m] = format!("{prev}: placed there by an earlier run{group_note}");
@@ -145,16 +199,6 @@ pub fn place(
         spec.job = spec.job.or_else(|| d.job.clone());
         spec.replica = spec.replica.or(d.replica);
         spec.task = spec.task.or(d.task);
-        // Device types with a kernel for every member.
-        let mut supported: Option<Vec<&str>> = None;
-        for &m in members {
-            let types = kernels.device_types_for(&graph.nodes[m], &input_types(m));
-            supported = Some(match supported {
-                None => types,
-                Some(s) => s.into_iter().filter(|t| types.contains(t)).collect(),
-            });
-        }
-        let supported = supported.unwrap_or_default();
         fn by_priority(mut v: Vec<&DeviceAttributes>) -> Vec<&DeviceAttributes> {
             v.sort_by(|a, b| {
                 device_type_priority(&b.device_type)

@@ -5,7 +5,7 @@ use crate::device::{Device, DeviceAttributes, DeviceFactory};
 use crate::executor::Executor;
 use crate::kernel::{CallFrame, StepContext, StepId};
 use crate::partition::{partition, prune_and_rewrite, PartitionOptions};
-use crate::placer::{place, Placement, PlacerOptions};
+use crate::placer::{group_support, place, Placement, PlacerOptions};
 use crate::trace::{StepStats, StepStatsCollector};
 use crate::{
     CancellationManager, DeviceName, Error, Graph, GraphDef, KernelRegistry, LocalRendezvous, NodeId,
@@ -407,7 +407,7 @@ impl DirectSession {
         let g = self.graph.read().unwrap_or_else(|e| e.into_inner());
         let tnodes: Vec<NodeId> = targets.iter().map(|t| t.node).collect();
         let sg = prune_and_rewrite(&g, &[], fetches, &tnodes, &self.client_device(), &self.runtime.ops)?;
-        let p = self.place(&sg.graph)?;
+        let p = self.place(&g, &sg.graph)?;
         Ok(p.explain(&sg.graph))
     }
 
@@ -419,12 +419,14 @@ impl DirectSession {
             .unwrap_or_else(|| self.attrs[0].name.clone())
     }
 
-    fn place(&self, g: &GraphDef) -> Result<Placement> {
+    /// Places the step graph `g`, pruned from the session's whole graph `full`.
+    fn place(&self, full: &GraphDef, g: &GraphDef) -> Result<Placement> {
         let prev = self.placement.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let popts = PlacerOptions {
             allow_soft_placement: self.opts.allow_soft_placement,
             log_device_placement: self.opts.log_device_placement,
             default_device: self.client_device().task_name(),
+            group_support: Some(Arc::new(group_support(full, &self.runtime.ops, &self.runtime.kernels)?)),
         };
         place(g, &self.attrs, &self.runtime.ops, &self.runtime.kernels, &prev, &popts)
     }
@@ -434,11 +436,13 @@ impl DirectSession {
         if let Some(p) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(p.clone());
         }
-        let sg = {
+        let (sg, placement) = {
             let g = self.graph.read().unwrap_or_else(|e| e.into_inner());
-            prune_and_rewrite(&g, feeds, fetches, targets, &self.client_device(), &self.runtime.ops)?
+            let sg =
+                prune_and_rewrite(&g, feeds, fetches, targets, &self.client_device(), &self.runtime.ops)?;
+            let placement = self.place(&g, &sg.graph)?;
+            (sg, placement)
         };
-        let placement = self.place(&sg.graph)?;
         {
             // Rule 1 of the placer: what was placed once stays there for this session.
             let mut prev = self.placement.lock().unwrap_or_else(|e| e.into_inner());

@@ -136,6 +136,25 @@ fn earlier_placement_is_kept() {
 }
 
 #[test]
+fn earlier_placement_yields_to_a_member_it_cannot_run() {
+    // A forward op placed on the GPU by one step, then a later step's op colocated with it
+    // (as gradients are) that has no GPU kernel: the group is placed again, on the CPU.
+    let g = Graph::new();
+    let s = g.add(g.scalar(1f32), g.scalar(2f32));
+    let i = g.colocate_with(s, |g| g.add(g.scalar(1i32), g.scalar(2i32)));
+    let mut prev = HashMap::new();
+    prev.insert(g.node_name(s.node), DeviceName::parse(GPU0).unwrap());
+    let p = place_graph(&g, true, &prev).unwrap();
+    assert_eq!((p[s.node.0 as usize].as_str(), p[i.node.0 as usize].as_str()), (CPU0, CPU0));
+    // Where the earlier device runs every member, the group stays there.
+    let g = Graph::new();
+    let s = g.add(g.scalar(1f32), g.scalar(2f32));
+    let f = g.colocate_with(s, |g| g.add(s, s));
+    let p = place_graph(&g, true, &prev).unwrap();
+    assert_eq!((p[s.node.0 as usize].as_str(), p[f.node.0 as usize].as_str()), (GPU0, GPU0));
+}
+
+#[test]
 fn explain_says_why() {
     let g = Graph::new();
     g.with_device("/cpu:0", |g| g.variable("w", g.scalar(0f32)));

@@ -6,7 +6,7 @@ use crate::proto::{decode, encode, pack, unpack, Req, Resp, TensorRef};
 use crate::worker::{task_error, Peers, Worker};
 use crate::{BodySource, Responder};
 use rill_graph::partition::{partition, prune_and_rewrite, PartitionOptions};
-use rill_graph::placer::{place, PlacerOptions};
+use rill_graph::placer::{group_support, place, PlacerOptions};
 use rill_graph::session::{check_feeds, CANCEL_GRACE};
 use rill_graph::trace::StepStats;
 use rill_graph::{
@@ -249,15 +249,17 @@ impl Master {
             return Ok(p);
         }
         let client = self.client_device(s);
-        let sg = {
+        let (sg, support) = {
             let g = s.graph.read().unwrap_or_else(|e| e.into_inner());
-            prune_and_rewrite(&g, feeds, fetches, targets, &client, &self.runtime.ops)?
+            let sg = prune_and_rewrite(&g, feeds, fetches, targets, &client, &self.runtime.ops)?;
+            (sg, group_support(&g, &self.runtime.ops, &self.runtime.kernels)?)
         };
         let prev = lock(&s.placement).clone();
         let popts = PlacerOptions {
             allow_soft_placement: s.opts.allow_soft_placement,
             log_device_placement: s.opts.log_device_placement,
             default_device: self.task.task_name(),
+            group_support: Some(Arc::new(support)),
         };
         let placement =
             place(&sg.graph, &s.devices, &self.runtime.ops, &self.runtime.kernels, &prev, &popts)?;
