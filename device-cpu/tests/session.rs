@@ -189,6 +189,25 @@ fn several_cpu_devices_give_the_same_results() {
 }
 
 #[test]
+fn an_error_in_one_partition_ends_the_step_at_once() {
+    // CPU:1's partition is all cheap nodes (run in one go, without the scheduler); its read of an
+    // uninitialised variable must end the step, not leave CPU:0 waiting for the value.
+    let g = Graph::new();
+    let read = g.with_device("/cpu:1", |g| {
+        let v = g.variable("never_initialised", g.constant(Tensor::scalar(1f32)));
+        g.identity(v)
+    });
+    let so =
+        SessionOptions { device_count: [("CPU".to_string(), 2)].into_iter().collect(), ..Default::default() };
+    let s = DirectSession::new(&g, &runtime(), so).unwrap();
+    let t = Instant::now();
+    let e =
+        s.run(&[], &[read], &[], &RunOptions { timeout_in_ms: 10_000, ..Default::default() }).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "the step waited {:?} for its deadline", t.elapsed());
+}
+
+#[test]
 fn a_trace_is_produced() {
     let g = Graph::new();
     let v = g.variable("v", g.scalar(0f32));

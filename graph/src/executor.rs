@@ -198,7 +198,14 @@ impl Executor {
         }
         let io = on_io_thread();
         if let (Some(order), false) = (&self.straight, io) {
-            done(self.run_straight(order, &step, stats.as_deref()));
+            let r = self.run_straight(order, &step, stats.as_deref());
+            if let Err(e) = &r {
+                // As a failing node of a scheduled step does: the step's other partitions may
+                // wait on this one's sends.
+                step.rendezvous.start_abort(e.clone());
+                step.cancellation.cancel(e.clone());
+            }
+            done(r);
             return;
         }
         let state = Arc::new(State {
