@@ -9,6 +9,7 @@
 //!
 //! The run, with "no GPU" turned into a failure (`RILL_REQUIRE_GPU=1`): the device-cuda tests;
 //! the self-check (every GPU kernel against the CPU, cuBLAS and the tiled MatMul included);
+//! `gpu_rules` (default and soft placement, memory fraction and growth on the real GPU);
 //! `bench_gpu` and, in the same run, the PyTorch peer `bench_torch.py` (skipped with a note when
 //! `python3` cannot import torch), printed side by side with the ratio and its target; the digits
 //! MLP trained on GPU:0 to the accuracy target; a short synchronous between-graph training run on
@@ -47,6 +48,7 @@ struct Layout {
     gpu_check: PathBuf,
     bench_gpu: PathBuf,
     gpu_digits: PathBuf,
+    gpu_rules: PathBuf,
     peer: PathBuf,
     /// `RILL_DIGITS_DIR` for a bundle; the compiled-in path otherwise.
     digits: Option<PathBuf>,
@@ -113,6 +115,8 @@ fn build() -> Result<Layout, String> {
             "bench_gpu",
             "--example",
             "gpu_digits",
+            "--example",
+            "gpu_rules",
         ],
         false,
     )?;
@@ -129,6 +133,7 @@ fn build() -> Result<Layout, String> {
         gpu_check: example("gpu_check")?,
         bench_gpu: example("bench_gpu")?,
         gpu_digits: example("gpu_digits")?,
+        gpu_rules: example("gpu_rules")?,
         peer: root.join("device-cuda/peer/bench_torch.py"),
         digits: None,
     })
@@ -164,8 +169,12 @@ fn bundle(l: &Layout, dir: &Path) -> Result<(), String> {
         let name = t.file_name().ok_or(format!("test binary without a name: {}", t.display()))?;
         install(t, &tests.join(name))?;
     }
-    for (p, name) in [(&l.gpu_check, "gpu_check"), (&l.bench_gpu, "bench_gpu"), (&l.gpu_digits, "gpu_digits")]
-    {
+    for (p, name) in [
+        (&l.gpu_check, "gpu_check"),
+        (&l.bench_gpu, "bench_gpu"),
+        (&l.gpu_digits, "gpu_digits"),
+        (&l.gpu_rules, "gpu_rules"),
+    ] {
         install(p, &bin.join(name))?;
     }
     let me = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
@@ -235,6 +244,7 @@ fn prebuilt(dir: &Path) -> Result<Layout, String> {
         gpu_check: need(dir.join("bin/gpu_check"))?,
         bench_gpu: need(dir.join("bin/bench_gpu"))?,
         gpu_digits: need(dir.join("bin/gpu_digits"))?,
+        gpu_rules: need(dir.join("bin/gpu_rules"))?,
         peer: need(dir.join("bench_torch.py"))?,
         digits: Some(need(dir.join("digits"))?),
     })
@@ -412,6 +422,18 @@ fn run(l: &Layout) -> Result<(), String> {
         if o.ok { "" } else { " — FAILED" },
         copy("h2d_copy"),
         copy("d2h_copy")
+    ));
+
+    let o = step("placement and memory rules", gpu(&l.gpu_rules), 60, &mut failed);
+    let counts = find_line(&o.lines, |l| l.ends_with("failed") && l.contains(" rules, "))
+        .unwrap_or("no count printed");
+    let mut notes: Vec<&str> = o.lines.iter().map(|l| l.trim()).filter(|l| l.starts_with("FAIL")).collect();
+    if !o.ok {
+        notes.push(&o.how);
+    }
+    summary.push(format!(
+        "placement and memory rules: {counts}{}",
+        if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) }
     ));
 
     let o = step("bench_gpu", gpu(&l.bench_gpu), 150, &mut failed);
