@@ -79,25 +79,51 @@ fn the_reader_pipeline_yields_the_csv_rows_once_per_epoch() {
 
 /// Trains `model` with Adam on fed minibatches of the training CSV; returns the test accuracy.
 fn train_and_test(model: impl Fn(&Graph, Output) -> Output, steps: usize, lr: f64) -> f32 {
+    train_and_test_on("", SessionOptions::default(), model, steps, lr).unwrap()
+}
+
+/// `train_and_test` with the model built under the device scope `device`.
+fn train_and_test_on(
+    device: &str,
+    opts: SessionOptions,
+    model: impl Fn(&Graph, Output) -> Output,
+    steps: usize,
+    lr: f64,
+) -> rill_graph::Result<f32> {
     let dir = digits::digits_dir();
     let (train_x, train_y) = digits::load_digits_csv(&dir.join(digits::TRAIN_CSV)).unwrap();
     let (test_x, test_y) = digits::load_digits_csv(&dir.join(digits::TEST_CSV)).unwrap();
     let g = Graph::new();
-    let x = g.placeholder("x", DType::F32, [None, Some(IMAGE_PIXELS)]);
-    let y = g.placeholder("y", DType::I64, [None]);
-    let logits = model(&g, x);
-    let loss = softmax_loss(&g, logits, y);
-    let acc = accuracy(&g, logits, y);
-    let train = Adam::new(lr).minimize(&g, loss, None).unwrap();
-    let init = g.global_variables_initializer();
-    let sess = DirectSession::new(&g, &standard_runtime(), SessionOptions::default()).unwrap();
-    run(&sess, &[], &[], &[init]);
+    let (x, y, acc, train, init) = g.with_device(device, |g| {
+        let x = g.placeholder("x", DType::F32, [None, Some(IMAGE_PIXELS)]);
+        let y = g.placeholder("y", DType::I64, [None]);
+        let logits = model(g, x);
+        let loss = softmax_loss(g, logits, y);
+        let acc = accuracy(g, logits, y);
+        let train = Adam::new(lr).minimize(g, loss, None).unwrap();
+        (x, y, acc, train, g.global_variables_initializer())
+    });
+    let sess = DirectSession::new(&g, &standard_runtime(), opts)?;
+    sess.run(&[], &[], &[init], &RunOptions { timeout_in_ms: 30_000, ..Default::default() })?;
     let mut batches = Minibatches::new(&train_x, &train_y, 1).unwrap();
     for _ in 0..steps {
         let (bx, by) = batches.next_batch(64).unwrap();
         run(&sess, &[(x, bx), (y, by)], &[], &[train]);
     }
-    run(&sess, &[(x, test_x), (y, test_y)], &[acc], &[])[0].scalar_value::<f32>().unwrap()
+    run(&sess, &[(x, test_x), (y, test_y)], &[acc], &[])[0].scalar_value::<f32>()
+}
+
+#[test]
+fn a_model_built_for_the_gpu_trains_wherever_soft_placement_puts_it() {
+    // Without a GPU every op falls back to the CPU; with one, the GPU runs what it has kernels for.
+    let soft = SessionOptions { allow_soft_placement: true, ..Default::default() };
+    let mlp = |g: &Graph, x| models::mlp(g, x, &[64], NUM_CLASSES, 1);
+    let acc = train_and_test_on("/device:GPU:0", soft, mlp, 300, 0.01).unwrap();
+    assert!(acc >= 0.95, "test accuracy {acc}");
+    if rill_device_cuda::CudaDeviceFactory::new().load_driver().is_err() {
+        let e = train_and_test_on("/device:GPU:0", SessionOptions::default(), mlp, 1, 0.01).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    }
 }
 
 #[test]
