@@ -195,9 +195,45 @@ pub(crate) const TILE_ROWS: usize = MR;
 /// Columns of that tile: the width of one sliver of `pack_panel`.
 pub(crate) const TILE_COLS: usize = NR;
 
-/// Whether the vector micro-kernels run on this CPU (a flag for `tile_from_runs`).
-pub(crate) fn simd() -> bool {
-    has_avx2_fma()
+/// The vector kernels a GEMM runs on: chosen once from the CPU's features (`Simd::detect`), or
+/// any level the CPU has (tests run each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    Portable,
+    /// The AVX2+FMA micro-kernels.
+    Avx2,
+    /// AVX2 for the special tiles, and the AVX-512 macro-kernel for packed blocks: on CPUs with
+    /// 512-bit FMA pipes (Zen 5, Intel server cores) it does twice the work per instruction.
+    Avx512,
+}
+
+impl Simd {
+    pub(crate) fn detect() -> Simd {
+        if has_avx512() {
+            Simd::Avx512
+        } else if has_avx2_fma() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        }
+    }
+
+    /// Whether the AVX2 micro-kernels may run (the levels above include AVX2 and FMA).
+    fn vector(self) -> bool {
+        self != Simd::Portable
+    }
+
+    /// Every level this CPU runs, portable first.
+    #[cfg(test)]
+    fn available() -> Vec<Simd> {
+        let top = Simd::detect();
+        [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|&l| l as u8 <= top as u8).collect()
+    }
+}
+
+/// The kernels this CPU runs (for `tile_from_runs` and its kin).
+pub(crate) fn simd() -> Simd {
+    Simd::detect()
 }
 
 /// Packs all of a row-major `k`×`n` matrix into `TILE_COLS`-column slivers, each `k` deep and
@@ -211,11 +247,11 @@ pub(crate) fn pack_panel(b: &[f32], k: usize, n: usize, buf: &mut [f32]) {
 /// of `pack_panel`, `runs.len()·run` deep. Convolutions pass input pixels (or zeros for padding)
 /// as runs, so a patch is multiplied where it lies, with no im2col copy.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
-pub(crate) fn tile_from_runs(simd: bool, runs: &[[&[f32]; MR]], run: usize, b: &[f32]) -> [[f32; NR]; MR] {
+pub(crate) fn tile_from_runs(simd: Simd, runs: &[[&[f32]; MR]], run: usize, b: &[f32]) -> [[f32; NR]; MR] {
     debug_assert_eq!(b.len(), runs.len() * run * NR);
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+    if simd.vector() {
+        // SAFETY: `simd` is above `Portable` only when `has_avx2_fma()` found both features.
         return unsafe { avx2::micro_runs(runs, run, b) };
     }
     let _ = simd;
@@ -244,11 +280,11 @@ pub(crate) fn pack_transposed(a: &[f32], m: usize, buf: &mut [f32]) {
 /// B's row `p` is `b[p][off..off + TILE_COLS]`: each depth step's B row is gathered from where it
 /// lies (the filter gradient of a convolution reads input pixels this way).
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
-pub(crate) fn tile_from_gathered(simd: bool, a: &[f32], b: &[&[f32]], off: usize) -> [[f32; NR]; MR] {
+pub(crate) fn tile_from_gathered(simd: Simd, a: &[f32], b: &[&[f32]], off: usize) -> [[f32; NR]; MR] {
     debug_assert_eq!(a.len(), b.len() * MR);
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+    if simd.vector() {
+        // SAFETY: `simd` is above `Portable` only when `has_avx2_fma()` found both features.
         return unsafe { avx2::micro_gathered(a, b, off) };
     }
     let _ = simd;
@@ -268,10 +304,10 @@ pub(crate) fn tile_from_gathered(simd: bool, a: &[f32], b: &[&[f32]], off: usize
 /// rows is `a[p * lda..][..MR]`: a packed A sliver when `lda` is `MR`, a transposed A read where
 /// it lies when `lda` is its stored row length.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
-fn tile_from_strided(simd: bool, a: &[f32], lda: usize, b: &[f32]) -> [[f32; NR]; MR] {
+fn tile_from_strided(simd: Simd, a: &[f32], lda: usize, b: &[f32]) -> [[f32; NR]; MR] {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
+    if simd.vector() {
+        // SAFETY: `simd` is above `Portable` only when `has_avx2_fma()` found both features.
         return unsafe { avx2::micro_strided(a, lda, b) };
     }
     let _ = simd;
@@ -293,7 +329,7 @@ fn tile_from_strided(simd: bool, a: &[f32], lda: usize, b: &[f32]) -> [[f32; NR]
 /// read in place touches a new cache line every depth step.)
 #[allow(clippy::too_many_arguments)]
 fn tiles_in_place(
-    simd: bool,
+    simd: Simd,
     a: &Operand<'_, f32>,
     i0: usize,
     p0: usize,
@@ -593,6 +629,164 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 macro-kernel. Its tile is one A sliver by four B slivers (6×64): 24 zmm
+    //! accumulators, four B loads and six broadcasts per depth step for 24 FMAs. Measured on a
+    //! CPU with two 512-bit FMA pipes (Zen 5), one B sliver per broadcast (6×16 or 12×16) ran at
+    //! three quarters of this tile's speed and two (6×32, 12×32) at about nine tenths: the broadcasts,
+    //! not the FMAs, bounded them. The packing is the AVX2 kernel's.
+
+    use super::{merge_tile, KC_MAX, MR, NR};
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps,
+    };
+
+    /// Sixteen floats from the start of `v`.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    fn load16(v: &[f32; NR]) -> __m512 {
+        // SAFETY: `v` is 16 readable floats; `loadu` has no alignment requirement.
+        unsafe { _mm512_loadu_ps(v.as_ptr()) }
+    }
+
+    /// Writes sixteen floats to the start of `v`.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    fn store16(v: &mut [f32; NR], x: __m512) {
+        // SAFETY: `v` is 16 writable floats; `storeu` has no alignment requirement.
+        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), x) }
+    }
+
+    /// The tiles of `S` A slivers (`MR`×kc each, depth-major) times `T` B slivers (kc×`NR`):
+    /// `acc[s][r][t]` holds row `r` of A sliver `s` times B sliver `t`.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    fn micro<const S: usize, const T: usize>(a: [&[f32]; S], b: [&[f32]; T]) -> [[[__m512; T]; MR]; S] {
+        let kc = b[0].len() / NR;
+        assert!(a.iter().all(|x| x.len() >= MR * kc) && b.iter().all(|x| x.len() >= NR * kc));
+        let (ap, bp) = (a.map(<[f32]>::as_ptr), b.map(<[f32]>::as_ptr));
+        let mut acc = [[[_mm512_setzero_ps(); T]; MR]; S];
+        for p in 0..kc {
+            let mut bv = [_mm512_setzero_ps(); T];
+            for (v, b_t) in bv.iter_mut().zip(bp) {
+                // SAFETY: `p < kc` and every B sliver holds `kc` steps of `NR` floats (asserted).
+                *v = unsafe { _mm512_loadu_ps(b_t.add(p * NR)) };
+            }
+            for (acc_s, a_s) in acc.iter_mut().zip(ap) {
+                for (r, acc_r) in acc_s.iter_mut().enumerate() {
+                    // SAFETY: `p < kc`, `r < MR`, and every A sliver holds `kc` steps of `MR`
+                    // floats (asserted).
+                    let x = _mm512_set1_ps(unsafe { a_s.add(p * MR + r).read() });
+                    for (acc_t, &v) in acc_r.iter_mut().zip(&bv) {
+                        *acc_t = _mm512_fmadd_ps(x, v, *acc_t);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// The tiles of `S` A slivers from `si` on, times `T` B slivers from `sj` on, into C.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    fn tiles<const S: usize, const T: usize>(
+        pa: &[f32],
+        pb: &[f32],
+        kc: usize,
+        (si, sj): (usize, usize),
+        c: &mut [f32],
+        ldc: usize,
+        (mc, j0, nc): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        let a: [&[f32]; S] = std::array::from_fn(|s| &pa[(si + s) * MR * kc..][..MR * kc]);
+        let b: [&[f32]; T] = std::array::from_fn(|t| &pb[(sj + t) * NR * kc..][..NR * kc]);
+        let acc = micro::<S, T>(a, b);
+        for (s, acc_s) in acc.iter().enumerate() {
+            let r0 = (si + s) * MR;
+            for (t, col0) in (sj..sj + T).map(|j| j * NR).enumerate() {
+                let tile: [__m512; MR] = acc_s.map(|row| row[t]);
+                put(
+                    &tile,
+                    &mut c[r0 * ldc + j0 + col0..],
+                    ldc,
+                    MR.min(mc - r0),
+                    NR.min(nc - col0),
+                    accumulate,
+                );
+            }
+        }
+    }
+
+    /// Writes (or adds) one tile's `rows`×`cols` corner into C at `c` (row stride `ldc`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn put(acc: &[__m512; MR], c: &mut [f32], ldc: usize, rows: usize, cols: usize, accumulate: bool) {
+        if rows == MR && cols == NR {
+            for (r, &x) in acc.iter().enumerate() {
+                let row: &mut [f32; NR] = (&mut c[r * ldc..r * ldc + NR]).try_into().expect("16 floats");
+                let x = if accumulate { _mm512_add_ps(x, load16(row)) } else { x };
+                store16(row, x);
+            }
+        } else {
+            let mut t = [[0f32; NR]; MR];
+            for (tr, &x) in t.iter_mut().zip(acc) {
+                store16(tr, x);
+            }
+            merge_tile(&t, c, ldc, rows, cols, accumulate);
+        }
+    }
+
+    /// A slivers per tile: with `B_SLIVERS` that makes `A_SLIVERS`·`MR`·`B_SLIVERS` zmm accumulators.
+    const A_SLIVERS: usize = 1;
+    /// B slivers per tile, read together (64 KiB at depth `KC`: more than L1 holds, and L2
+    /// keeps up; a shallower block, to fit L1, cost more in passes over C).
+    const B_SLIVERS: usize = 4;
+
+    /// The macro-kernel: every tile of one packed A block times one packed B block, `B_SLIVERS`
+    /// B slivers at a time, and `A_SLIVERS` A slivers at a time within them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn block(
+        pa: &[f32],
+        pb: &[f32],
+        kc: usize,
+        c: &mut [f32],
+        ldc: usize,
+        j0: usize,
+        nc: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(kc <= KC_MAX);
+        let mc = c.len() / ldc;
+        let (na, nb) = (pa.len() / (MR * kc).max(1), pb.len() / (NR * kc).max(1));
+        let dims = (mc, j0, nc);
+        let mut sj = 0;
+        while sj < nb {
+            let wide = sj + B_SLIVERS <= nb;
+            let mut si = 0;
+            while si < na {
+                let full = si + A_SLIVERS <= na;
+                match (full, wide) {
+                    (true, true) => {
+                        tiles::<A_SLIVERS, B_SLIVERS>(pa, pb, kc, (si, sj), c, ldc, dims, accumulate)
+                    }
+                    (true, false) => tiles::<A_SLIVERS, 1>(pa, pb, kc, (si, sj), c, ldc, dims, accumulate),
+                    (false, true) => tiles::<1, B_SLIVERS>(pa, pb, kc, (si, sj), c, ldc, dims, accumulate),
+                    (false, false) => tiles::<1, 1>(pa, pb, kc, (si, sj), c, ldc, dims, accumulate),
+                }
+                si += if full { A_SLIVERS } else { 1 };
+            }
+            sj += if wide { B_SLIVERS } else { 1 };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
@@ -602,10 +796,20 @@ fn has_avx2_fma() -> bool {
     false
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    has_avx2_fma() && std::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
 /// Runs the macro-kernel for one packed A block; `accumulate` adds to C, otherwise C is written.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
 fn run_block(
-    simd: bool,
+    simd: Simd,
     pa: &[f32],
     pb: &[f32],
     kc: usize,
@@ -616,9 +820,12 @@ fn run_block(
     accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when `has_avx2_fma()` found both features on this CPU.
-        return unsafe { avx2::block(pa, pb, kc, c, ldc, j0, nc, accumulate) };
+    match simd {
+        // SAFETY: `Avx512` only where `has_avx512()` found AVX-512F (and AVX2 and FMA).
+        Simd::Avx512 => return unsafe { avx512::block(pa, pb, kc, c, ldc, j0, nc, accumulate) },
+        // SAFETY: `Avx2` only where `has_avx2_fma()` found both features.
+        Simd::Avx2 => return unsafe { avx2::block(pa, pb, kc, c, ldc, j0, nc, accumulate) },
+        Simd::Portable => {}
     }
     let _ = simd;
     block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate)
@@ -638,7 +845,7 @@ enum PackedB<'a> {
 /// then blocks of at most `MC` rows.
 #[allow(clippy::too_many_arguments)]
 fn row_band(
-    simd: bool,
+    simd: Simd,
     a: &Operand<'_, f32>,
     b: PackedB<'_>,
     k: usize,
@@ -705,7 +912,7 @@ fn gemm_f32(
     n: usize,
     accumulate: bool,
 ) {
-    gemm_f32_on(has_avx2_fma(), pool, a, b, k, c, n, accumulate, None)
+    gemm_f32_on(Simd::detect(), pool, a, b, k, c, n, accumulate, None)
 }
 
 /// What `_FusedMatMul` does after the product. Each thread applies it to the part of C it has
@@ -751,7 +958,7 @@ impl Epilogue<'_> {
 /// portable one; `epi`, if any, is applied to the product (which then must not `accumulate`).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32_on(
-    simd: bool,
+    simd: Simd,
     pool: &dyn IntraOpPool,
     a: Operand<'_, f32>,
     b: Operand<'_, f32>,
@@ -854,7 +1061,7 @@ fn gemm_f32_on(
 /// less than with a split by rows (A is packed whole by each thread, B in parts).
 #[allow(clippy::too_many_arguments)]
 fn column_split(
-    simd: bool,
+    simd: Simd,
     pool: &dyn IntraOpPool,
     a: Operand<'_, f32>,
     b: Operand<'_, f32>,
@@ -1066,7 +1273,7 @@ impl MatMulK {
         let mut out = ctx.allocate_output(DType::F32, Shape::matrix(m, n))?;
         let (oa, ob) = self.operands(a.as_slice::<f32>()?, a.shape(), b.as_slice::<f32>()?, b.shape());
         let c = out.as_mut_slice::<f32>()?;
-        gemm_f32_on(has_avx2_fma(), ctx.intra_op(), oa, ob, k, c, n.max(1), false, epi);
+        gemm_f32_on(Simd::detect(), ctx.intra_op(), oa, ob, k, c, n.max(1), false, epi);
         Ok(out)
     }
 }
@@ -1212,8 +1419,8 @@ mod tests {
                     }
                 }
             }
-            for simd in [false, has_avx2_fma()] {
-                assert_eq!(tile_from_runs(simd, &runs, run, &b), want, "run {run} simd {simd}");
+            for simd in Simd::available() {
+                assert_eq!(tile_from_runs(simd, &runs, run, &b), want, "run {run} simd {simd:?}");
             }
         }
     }
@@ -1239,8 +1446,8 @@ mod tests {
                     }
                 }
             }
-            for simd in [false, has_avx2_fma()] {
-                assert_eq!(tile_from_gathered(simd, &a, &b, 8), want, "depth {depth} rows {m} simd {simd}");
+            for simd in Simd::available() {
+                assert_eq!(tile_from_gathered(simd, &a, &b, 8), want, "depth {depth} rows {m} simd {simd:?}");
             }
         }
     }
@@ -1269,7 +1476,7 @@ mod tests {
                 shapes.push((m, k, n, t % 2 == 1, t >= 2));
             }
         }
-        let paths = [false, has_avx2_fma()];
+        let paths = Simd::available();
         let threads = crate::pool::ThreadPool::new("gemm-test", 3);
         let pools: [&dyn IntraOpPool; 2] = [&InlinePool, &threads];
         for &(m, k, n, ta, tb) in &shapes {
@@ -1288,7 +1495,7 @@ mod tests {
                         let tol = 1e-5 * (k as f32).sqrt() * 4.0 + 1e-6;
                         assert!(
                             (g - w).abs() <= tol,
-                            "{m}x{k}x{n} ta={ta} tb={tb} acc={acc} simd={simd} threads={} at {i}: {g} vs {w}",
+                            "{m}x{k}x{n} ta={ta} tb={tb} acc={acc} simd={simd:?} threads={} at {i}: {g} vs {w}",
                             pool.num_threads()
                         );
                     }
