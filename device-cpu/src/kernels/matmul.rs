@@ -636,7 +636,7 @@ mod avx512 {
     //! three quarters of this tile's speed and two (6×32, 12×32) at about nine tenths: the broadcasts,
     //! not the FMAs, bounded them. The packing is the AVX2 kernel's.
 
-    use super::{merge_tile, KC_MAX, MR, NR};
+    use super::{merge_tile, BlockB, KC_MAX, MR, NR};
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
         _mm512_storeu_ps,
@@ -665,16 +665,21 @@ mod avx512 {
     #[inline]
     #[allow(unsafe_code)]
     #[target_feature(enable = "avx512f")]
-    fn micro<const S: usize, const T: usize>(a: [&[f32]; S], b: [&[f32]; T]) -> [[[__m512; T]; MR]; S] {
-        let kc = b[0].len() / NR;
-        assert!(a.iter().all(|x| x.len() >= MR * kc) && b.iter().all(|x| x.len() >= NR * kc));
+    fn micro<const S: usize, const T: usize>(
+        a: [&[f32]; S],
+        (b, b_step): ([&[f32]; T], usize),
+        kc: usize,
+    ) -> [[[__m512; T]; MR]; S] {
+        let b_len = (kc.max(1) - 1) * b_step + NR;
+        assert!(a.iter().all(|x| x.len() >= MR * kc) && b.iter().all(|x| x.len() >= b_len));
         let (ap, bp) = (a.map(<[f32]>::as_ptr), b.map(<[f32]>::as_ptr));
         let mut acc = [[[_mm512_setzero_ps(); T]; MR]; S];
         for p in 0..kc {
             let mut bv = [_mm512_setzero_ps(); T];
             for (v, b_t) in bv.iter_mut().zip(bp) {
-                // SAFETY: `p < kc` and every B sliver holds `kc` steps of `NR` floats (asserted).
-                *v = unsafe { _mm512_loadu_ps(b_t.add(p * NR)) };
+                // SAFETY: `p < kc` and every B sliver holds `NR` floats at each of its `kc` steps,
+                // `b_step` apart (asserted).
+                *v = unsafe { _mm512_loadu_ps(b_t.add(p * b_step)) };
             }
             for (acc_s, a_s) in acc.iter_mut().zip(ap) {
                 for (r, acc_r) in acc_s.iter_mut().enumerate() {
@@ -696,7 +701,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     fn tiles<const S: usize, const T: usize>(
         pa: &[f32],
-        pb: &[f32],
+        pb: BlockB<'_>,
         kc: usize,
         (si, sj): (usize, usize),
         c: &mut [f32],
@@ -705,8 +710,11 @@ mod avx512 {
         accumulate: bool,
     ) {
         let a: [&[f32]; S] = std::array::from_fn(|s| &pa[(si + s) * MR * kc..][..MR * kc]);
-        let b: [&[f32]; T] = std::array::from_fn(|t| &pb[(sj + t) * NR * kc..][..NR * kc]);
-        let acc = micro::<S, T>(a, b);
+        let b: ([&[f32]; T], usize) = match pb {
+            BlockB::Packed(pb) => (std::array::from_fn(|t| &pb[(sj + t) * NR * kc..][..NR * kc]), NR),
+            BlockB::Rows { data, ld } => (std::array::from_fn(|t| &data[(sj + t) * NR..]), ld),
+        };
+        let acc = micro::<S, T>(a, b, kc);
         for (s, acc_s) in acc.iter().enumerate() {
             let r0 = (si + s) * MR;
             for (t, col0) in (sj..sj + T).map(|j| j * NR).enumerate() {
@@ -748,12 +756,12 @@ mod avx512 {
     /// keeps up; a shallower block, to fit L1, cost more in passes over C).
     const B_SLIVERS: usize = 4;
 
-    /// The macro-kernel: every tile of one packed A block times one packed B block, `B_SLIVERS`
+    /// The macro-kernel: every tile of one packed A block times one block of B (packed or its rows), `B_SLIVERS`
     /// B slivers at a time, and `A_SLIVERS` A slivers at a time within them.
     #[target_feature(enable = "avx512f")]
     pub(super) fn block(
         pa: &[f32],
-        pb: &[f32],
+        pb: BlockB<'_>,
         kc: usize,
         c: &mut [f32],
         ldc: usize,
@@ -763,7 +771,7 @@ mod avx512 {
     ) {
         debug_assert!(kc <= KC_MAX);
         let mc = c.len() / ldc;
-        let (na, nb) = (pa.len() / (MR * kc).max(1), pb.len() / (NR * kc).max(1));
+        let (na, nb) = (pa.len() / (MR * kc).max(1), nc.div_ceil(NR));
         let dims = (mc, j0, nc);
         let mut sj = 0;
         while sj < nb {
@@ -806,12 +814,23 @@ fn has_avx512() -> bool {
     false
 }
 
+/// Where the macro-kernel reads one depth block of op(B).
+#[derive(Clone, Copy)]
+enum BlockB<'a> {
+    /// Packed in `NR`-column slivers (`pack_b`).
+    Packed(&'a [f32]),
+    /// Where it is stored, untransposed: depth step `p` of column `j` at `data[p * ld + j]`.
+    /// Only the AVX-512 kernel reads it so, and only whole slivers (`nc` a multiple of `NR`):
+    /// with its FMAs twice as wide, packing B cost a product of the MLP's size a tenth of its time.
+    Rows { data: &'a [f32], ld: usize },
+}
+
 /// Runs the macro-kernel for one packed A block; `accumulate` adds to C, otherwise C is written.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
 fn run_block(
     simd: Simd,
     pa: &[f32],
-    pb: &[f32],
+    pb: BlockB<'_>,
     kc: usize,
     c: &mut [f32],
     ldc: usize,
@@ -820,15 +839,25 @@ fn run_block(
     accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match simd {
+    match (simd, pb) {
         // SAFETY: `Avx512` only where `has_avx512()` found AVX-512F (and AVX2 and FMA).
-        Simd::Avx512 => return unsafe { avx512::block(pa, pb, kc, c, ldc, j0, nc, accumulate) },
+        (Simd::Avx512, _) => return unsafe { avx512::block(pa, pb, kc, c, ldc, j0, nc, accumulate) },
         // SAFETY: `Avx2` only where `has_avx2_fma()` found both features.
-        Simd::Avx2 => return unsafe { avx2::block(pa, pb, kc, c, ldc, j0, nc, accumulate) },
-        Simd::Portable => {}
+        (Simd::Avx2, BlockB::Packed(pb)) => {
+            return unsafe { avx2::block(pa, pb, kc, c, ldc, j0, nc, accumulate) }
+        }
+        _ => {}
     }
-    let _ = simd;
-    block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate)
+    match pb {
+        BlockB::Packed(pb) => block_portable(pa, pb, kc, c, ldc, j0, nc, accumulate),
+        // `row_band` hands out rows only to the AVX-512 kernel; the portable one reads them as a
+        // packed block would be read, one sliver at a time.
+        BlockB::Rows { data, ld } => {
+            let mut packed = vec![0f32; kc * nc.div_ceil(NR) * NR];
+            pack_b(&Operand::new(data, ld, false), 0, kc, 0, nc, &mut packed);
+            block_portable(pa, &packed, kc, c, ldc, j0, nc, accumulate)
+        }
+    }
 }
 
 /// Where a band finds op(B) packed.
@@ -859,23 +888,29 @@ fn row_band(
     let band = rows.len() / ldc;
     let ncp = nc.div_ceil(NR) * NR;
     let depth = depth_block(k);
-    let own_len = if matches!(b, PackedB::Own(_)) { depth * ncp } else { 0 };
+    // An untransposed B of whole slivers is read where it lies by the AVX-512 kernel.
+    let rows_b = match b {
+        PackedB::Own(b) if simd == Simd::Avx512 && !b.trans && nc.is_multiple_of(NR) && ncp > NR => Some(b),
+        _ => None,
+    };
+    let own_len = if matches!(b, PackedB::Own(_)) && rows_b.is_none() { depth * ncp } else { 0 };
     let a_in_place = ncp == NR;
     let a_len = if a_in_place { 0 } else { MC.min(band.div_ceil(MR) * MR) * depth };
     with_buffer(&PACKED_B, own_len, |own| {
         with_buffer(&PACKED_A, a_len, |pa| {
             for p0 in (0..k).step_by(depth) {
                 let kc = depth.min(k - p0);
-                let pb = match b {
-                    PackedB::Shared(pb) => &pb[p0 * ncp..(p0 + kc) * ncp],
-                    PackedB::Own(b) => {
+                let pb = match (b, rows_b) {
+                    (_, Some(b)) => BlockB::Rows { data: &b.data[p0 * b.ld + j0..], ld: b.ld },
+                    (PackedB::Shared(pb), None) => BlockB::Packed(&pb[p0 * ncp..(p0 + kc) * ncp]),
+                    (PackedB::Own(b), None) => {
                         let own = &mut own[..kc * ncp];
                         pack_b(b, p0, kc, j0, nc, own);
-                        &*own
+                        BlockB::Packed(&*own)
                     }
                 };
                 for (blk, block) in rows.chunks_mut(MC * ldc).enumerate() {
-                    if a_in_place {
+                    if let (true, BlockB::Packed(pb)) = (a_in_place, pb) {
                         tiles_in_place(
                             simd,
                             a,
@@ -1470,7 +1505,16 @@ mod tests {
             serial.iter().enumerate().map(|(s, &(m, k, n))| (m, k, n, s % 2 == 1, s % 4 >= 2)).collect();
         let one_sliver = [(97, 530, 10), (131, 600, 16), (1500, 300, 5)];
         // Depths 300 and 784 are cut into blocks deeper than `KC` (`depth_block`).
-        let products = [(131, 300, 37), (500, 70, 40), (20, 600, 129), (50, 170, 333), (70, 784, 50)];
+        // Widths of whole slivers (64, 128) let the AVX-512 kernel read an untransposed B in place.
+        let products = [
+            (131, 300, 37),
+            (500, 70, 40),
+            (20, 600, 129),
+            (50, 170, 333),
+            (70, 784, 50),
+            (131, 300, 64),
+            (20, 600, 128),
+        ];
         for (m, k, n) in products.into_iter().chain(one_sliver) {
             for t in 0..4 {
                 shapes.push((m, k, n, t % 2 == 1, t >= 2));
