@@ -756,8 +756,8 @@ mod avx512 {
     /// keeps up; a shallower block, to fit L1, cost more in passes over C).
     const B_SLIVERS: usize = 4;
 
-    /// The macro-kernel: every tile of one packed A block times one block of B (packed or its rows), `B_SLIVERS`
-    /// B slivers at a time, and `A_SLIVERS` A slivers at a time within them.
+    /// The macro-kernel: every tile of one packed A block times one block of B (packed, or its
+    /// rows), `B_SLIVERS` B slivers at a time, `A_SLIVERS` A slivers within them.
     #[target_feature(enable = "avx512f")]
     pub(super) fn block(
         pa: &[f32],
