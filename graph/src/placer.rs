@@ -143,10 +143,15 @@ pub fn place(
             if members.len() > 1 { format!(" [group: {}]", group_names.join(", ")) } else { String::new() };
         let mut supported = supported_by_all(graph, members, kernels);
         if let Some(whole) = &opts.group_support {
+            let mut narrowed = supported.clone();
             for &m in members {
                 if let Some(types) = whole.get(&graph.nodes[m].name) {
-                    supported.retain(|t| types.contains(t));
+                    narrowed.retain(|t| types.contains(t));
                 }
+            }
+            // A whole-graph group no device runs entirely still places this step's part of it.
+            if !narrowed.is_empty() {
+                supported = narrowed;
             }
         }
         // Rule 1: an earlier placement of any member holds for the whole group, while that

@@ -155,6 +155,33 @@ fn earlier_placement_yields_to_a_member_it_cannot_run() {
 }
 
 #[test]
+fn a_group_is_placed_as_the_whole_graph_has_it() {
+    // The initialiser's step sees a variable with its Assign (both have GPU kernels); the whole
+    // graph also updates it with AssignAdd, which has none. Placed with the whole graph's groups,
+    // the variable starts on the CPU, where its later update can run.
+    let build = |with_update: bool| {
+        let g = Graph::new();
+        let v = g.variable("v", g.constant(Tensor::scalar(1f32)));
+        if with_update {
+            g.assign_add(v, g.scalar(2f32));
+        }
+        (g, v)
+    };
+    let (full, _) = build(true);
+    let (step, v) = build(false);
+    let (ops, k) = registries();
+    let support = rill_graph::placer::group_support(&full.to_graph_def(), &ops, &k).unwrap();
+    let devices = vec![dev("CPU", 0), dev("GPU", 0)];
+    let place_with = |s: Option<std::sync::Arc<rill_graph::placer::GroupSupport>>| {
+        let opts = PlacerOptions { allow_soft_placement: true, group_support: s, ..Default::default() };
+        let p = place(&step.to_graph_def(), &devices, &ops, &k, &HashMap::new(), &opts).unwrap();
+        p.devices[v.node.0 as usize].to_string()
+    };
+    assert_eq!(place_with(None), GPU0, "the step alone would put it on the GPU");
+    assert_eq!(place_with(Some(std::sync::Arc::new(support))), CPU0);
+}
+
+#[test]
 fn explain_says_why() {
     let g = Graph::new();
     g.with_device("/cpu:0", |g| g.variable("w", g.scalar(0f32)));
