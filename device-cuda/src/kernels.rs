@@ -689,15 +689,7 @@ impl OpKernel for GpuK {
                         value.shape()
                     )));
                 }
-                let dims: Vec<usize> = dims
-                    .iter()
-                    .map(|&d| {
-                        usize::try_from(d).map_err(|_| {
-                            Error::invalid_argument(format!("dims {dims:?} has a negative size"))
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                broadcast_to(dev, value, Shape::new(&dims)?)?
+                broadcast_to(dev, value, sys::shape_from_ints(&dims, "dims")?)?
             }
         };
         ctx.set_output(0, out);

@@ -305,6 +305,20 @@ pub fn int_vector(t: &Tensor, what: &str) -> Result<Vec<i64>> {
     int_values(t, what)
 }
 
+/// A shape from a vector of ints (each ≥ 0).
+pub fn shape_from_ints(v: &[i64], what: &str) -> Result<Shape> {
+    let mut dims = Vec::with_capacity(v.len());
+    for &d in v {
+        if d < 0 {
+            return Err(Error::invalid_argument(format!("{what} has a negative dimension: {v:?}")));
+        }
+        dims.push(d as usize);
+    }
+    let s = Shape::new(&dims)?;
+    s.checked_num_elements()?;
+    Ok(s)
+}
+
 /// Resolves a possibly negative `axis` against `rank`.
 pub fn axis_index(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;

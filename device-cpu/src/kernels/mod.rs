@@ -16,7 +16,7 @@ mod shape_ops;
 
 use rill_graph::device::{chunk_len, parallel_chunks_mut};
 use rill_graph::half::{bf16, f16};
-use rill_graph::{DType, Element, Error, IntraOpPool, KernelDef, Result, Shape, Tensor, TypeOf};
+use rill_graph::{DType, Element, Error, IntraOpPool, KernelDef, Result, Tensor, TypeOf};
 use std::sync::Mutex;
 
 /// Below this many elements (1 MiB of f32) a kernel runs on the calling thread: waking an
@@ -312,21 +312,7 @@ pub(crate) const SIGNED: &[DType] =
     &[DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64];
 pub(crate) const INDICES: &[DType] = DType::INDICES;
 
-pub(crate) use rill_graph::kernels::{axis_index, int_values, int_vector};
-
-/// A shape from a vector of ints (each ≥ 0).
-pub(crate) fn shape_from_ints(v: &[i64], what: &str) -> Result<Shape> {
-    let mut dims = Vec::with_capacity(v.len());
-    for &d in v {
-        if d < 0 {
-            return Err(Error::invalid_argument(format!("{what} has a negative dimension: {v:?}")));
-        }
-        dims.push(d as usize);
-    }
-    let s = Shape::new(&dims)?;
-    s.checked_num_elements()?;
-    Ok(s)
-}
+pub(crate) use rill_graph::kernels::{axis_index, int_values, int_vector, shape_from_ints};
 
 /// Runs `f(offset, chunk)` over `out` in chunks whose lengths are multiples of `unit`, on the
 /// intra-op pool when there is enough work and on the calling thread otherwise.
