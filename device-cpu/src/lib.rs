@@ -73,13 +73,13 @@ impl CpuDevice {
 
     /// `n` CPU devices under `task` sharing thread pools sized by the options and one buffer pool.
     pub fn create(opts: &SessionOptions, task: &DeviceName, n: usize) -> Vec<Arc<dyn Device>> {
-        let inter =
-            Arc::new(ThreadPool::with_spin("rill-inter", opts.inter_op_threads(), pool::INTER_OP_SPIN));
         let intra = Arc::new(ThreadPool::with_spin(
             "rill-intra",
             opts.intra_op_threads().saturating_sub(1),
             pool::INTRA_OP_SPIN,
         ));
+        let inter =
+            Arc::new(ThreadPool::helping("rill-inter", opts.inter_op_threads(), pool::INTER_OP_SPIN, &intra));
         let buffers = BufferPool::new(alloc::POOL_MAX_BYTES);
         (0..n)
             .map(|i| {
