@@ -1,7 +1,7 @@
 //! `ConditionalAccumulator`: the resource that aggregates gradients for synchronous training, its
 //! ops (`ConditionalAccumulator`, `AccumulatorApplyGradient`, `AccumulatorTakeGradient`,
-//! `AccumulatorNumAccumulated`, `AccumulatorSetGlobalStep`, and rill's `AccumulatorAwaitGradients`)
-//! and their graph builders.
+//! `AccumulatorNumAccumulated`, `AccumulatorSetGlobalStep`, and rill's `AccumulatorAwaitGradients`
+//! and `AccumulatorCancelAwaits`) and their graph builders.
 //!
 //! The rules are TensorFlow's (`conditional_accumulator_base.cc`): a gradient computed at a
 //! `local_step` older than the accumulator's global step is dropped without an error; a take waits
@@ -10,7 +10,8 @@
 //! takes are served in arrival order. A take waits in the accumulator, never on a thread, and a
 //! cancelled take withdraws only itself: the gradients stay for the next take. An await waits in
 //! the same line as the takes but takes nothing: it lets a chief start its takes only once every
-//! accumulator is full, so a deadline can never cut a round between two takes.
+//! accumulator is full, so a deadline can never cut a round between two takes. Cancelling the
+//! awaits ends such a waiting round at once (a chief that stops), again having taken nothing.
 
 use crate::{op_def, resource_name};
 use rill_graph::kernel::{
@@ -299,6 +300,26 @@ impl ConditionalAccumulator {
         }
     }
 
+    /// Fails every waiting await with `Cancelled`; waiting takes, the gradients and the step stay.
+    /// Returns how many awaits it ended.
+    pub fn cancel_awaits(&self) -> usize {
+        let list = {
+            let mut st = self.lock();
+            let (awaits, takes): (VecDeque<_>, VecDeque<_>) =
+                std::mem::take(&mut st.takers).into_iter().partition(|a| a.peek);
+            st.takers = takes;
+            let reason = format!("AccumulatorAwaitGradients on accumulator '{}' was cancelled", self.name);
+            let mut list: Vec<_> =
+                awaits.into_iter().map(|a| (a, Err(Error::cancelled(reason.clone())))).collect();
+            // An await at the head may have held back a take that the gradients in already serve.
+            list.extend(self.flush(&mut st));
+            list
+        };
+        let n = list.iter().filter(|(a, _)| a.peek).count();
+        complete(list);
+        n
+    }
+
     /// Removes take `id` if it still waits and fails it with `reason`; the sum is untouched.
     fn withdraw(&self, id: u64, reason: Error) {
         let attempt = {
@@ -454,6 +475,12 @@ pub(crate) fn infer_num_accumulated(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     Ok(vec![TensorInfo::new(DType::I32, PartialShape::scalar())])
 }
 
+pub(crate) fn infer_cancel_awaits(c: &InferCtx) -> Result<Vec<TensorInfo>> {
+    c.expect_inputs(1)?;
+    expect_handle(c)?;
+    Ok(vec![])
+}
+
 pub(crate) fn infer_set_global_step(c: &InferCtx) -> Result<Vec<TensorInfo>> {
     c.expect_inputs(2)?;
     expect_handle(c)?;
@@ -564,6 +591,19 @@ pub(crate) fn create_num_accumulated(_: &KernelInit<'_>) -> Result<Kernel> {
     Ok(Kernel::cheap(NumAccumulatedK))
 }
 
+struct CancelAwaitsK;
+
+impl OpKernel for CancelAwaitsK {
+    fn compute(&self, ctx: &mut OpKernelContext<'_>) -> Result<()> {
+        lookup_accumulator(ctx.resource_mgr(), ctx.input(0)?)?.cancel_awaits();
+        Ok(())
+    }
+}
+
+pub(crate) fn create_cancel_awaits(_: &KernelInit<'_>) -> Result<Kernel> {
+    Ok(Kernel::cheap(CancelAwaitsK))
+}
+
 struct SetGlobalStepK;
 
 impl OpKernel for SetGlobalStepK {
@@ -648,6 +688,12 @@ pub fn accumulator_await_gradients(g: &Graph, acc: Output, num_required: usize) 
         let n = g.scalar(num_required.min(i32::MAX as usize) as i32);
         g.op(op_def("AccumulatorAwaitGradients"), "", &[acc, n], attrs! {})
     })
+}
+
+/// Fails the awaits waiting on `acc` with `Cancelled` (`ConditionalAccumulator::cancel_awaits`).
+pub fn accumulator_cancel_awaits(g: &Graph, acc: Output) -> Output {
+    let id = g.colocate_with(acc, |g| g.add_node(op_def("AccumulatorCancelAwaits"), "", &[acc], attrs! {}));
+    Output::new(id, 0)
 }
 
 /// The number of gradients accumulated since the last take (int32 scalar).

@@ -28,10 +28,10 @@ pub use queue_ops::{
 };
 
 pub use accumulator::{
-    accumulator_apply_gradient, accumulator_await_gradients, accumulator_num_accumulated,
-    accumulator_set_global_step, accumulator_take_gradient, accumulator_take_gradient_dynamic,
-    conditional_accumulator, conditional_accumulator_with, lookup_accumulator, ConditionalAccumulator,
-    Reduction, TakeDone,
+    accumulator_apply_gradient, accumulator_await_gradients, accumulator_cancel_awaits,
+    accumulator_num_accumulated, accumulator_set_global_step, accumulator_take_gradient,
+    accumulator_take_gradient_dynamic, conditional_accumulator, conditional_accumulator_with,
+    lookup_accumulator, ConditionalAccumulator, Reduction, TakeDone,
 };
 pub use coord::{
     batch, batch_join, input_producer, preload, shuffle_batch, start_queue_runners, string_input_producer,
@@ -93,6 +93,7 @@ pub const OPS: &[OpDef] = &[
     stateful!("AccumulatorTakeGradient", accumulator::infer_take_gradient),
     stateful!("AccumulatorNumAccumulated", accumulator::infer_num_accumulated),
     stateful!("AccumulatorAwaitGradients", accumulator::infer_await_gradients),
+    stateful!("AccumulatorCancelAwaits", accumulator::infer_cancel_awaits),
     stateful!("AccumulatorSetGlobalStep", accumulator::infer_set_global_step),
     stateless!("DecodeCSV", decode::infer_decode_csv),
     stateless!("DecodeRaw", decode::infer_decode_raw),
@@ -130,6 +131,7 @@ pub const KERNELS: &[KernelDef] = &[
     KernelDef::new("AccumulatorTakeGradient", "CPU", accumulator::create_take_gradient),
     KernelDef::new("AccumulatorNumAccumulated", "CPU", accumulator::create_num_accumulated),
     KernelDef::new("AccumulatorAwaitGradients", "CPU", accumulator::create_await_gradients),
+    KernelDef::new("AccumulatorCancelAwaits", "CPU", accumulator::create_cancel_awaits),
     KernelDef::new("AccumulatorSetGlobalStep", "CPU", accumulator::create_set_global_step),
     KernelDef::new("DecodeCSV", "CPU", decode::create_decode_csv),
     KernelDef::new("DecodeRaw", "CPU", decode::create_decode_raw),

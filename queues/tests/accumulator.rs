@@ -241,6 +241,36 @@ fn an_await_waits_like_a_take_but_takes_nothing() {
 }
 
 #[test]
+fn cancelling_the_awaits_ends_them_and_leaves_takes_and_gradients() {
+    let acc = Arc::new(
+        ConditionalAccumulator::new("a", DType::F32, PartialShape::scalar(), Reduction::Mean).unwrap(),
+    );
+    let cm = Arc::new(CancellationManager::new());
+    let (tx, rx) = mpsc::channel();
+    let send = |tag: &'static str, tx: mpsc::Sender<_>| -> rq::TakeDone {
+        Box::new(move |r: rill_graph::Result<Tensor>| tx.send((tag, r.map_err(|e| e.code))).unwrap())
+    };
+    acc.apply_grad(0, &Tensor::scalar(2f32)).unwrap();
+    // An await at the head of the line holds back a take that one gradient would serve.
+    acc.await_grads_async(2, Some(&cm), send("await", tx.clone()));
+    acc.take_grad_async(1, Some(&cm), send("take", tx.clone()));
+    assert!(rx.try_recv().is_err());
+    assert_eq!(acc.cancel_awaits(), 1);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), ("await", Err(Code::Cancelled)));
+    let (tag, took) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!((tag, took.map(|t| t.scalar_value::<f32>().unwrap())), ("take", Ok(2.0)));
+    // A waiting take is not an await: it stays, and so does the gradient it waits for more of.
+    acc.apply_grad(1, &Tensor::scalar(4f32)).unwrap();
+    acc.take_grad_async(2, Some(&cm), send("take", tx));
+    assert_eq!(acc.cancel_awaits(), 0);
+    assert!(rx.try_recv().is_err());
+    assert_eq!((acc.num_accumulated(), acc.global_step()), (1, 1));
+    acc.apply_grad(1, &Tensor::scalar(6f32)).unwrap();
+    let (tag, took) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!((tag, took.map(|t| t.scalar_value::<f32>().unwrap())), ("take", Ok(5.0)));
+}
+
+#[test]
 fn a_cancelled_take_withdraws_only_itself() {
     let acc = Arc::new(
         ConditionalAccumulator::new("a", DType::F32, PartialShape::scalar(), Reduction::Mean).unwrap(),

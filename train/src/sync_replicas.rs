@@ -6,6 +6,10 @@
 //! step and releases `total_num_replicas` tokens carrying the new step. A gradient older than its
 //! accumulator's step is dropped, so spare replicas (`total_num_replicas > replicas_to_aggregate`)
 //! and slow ones never corrupt an update; they only lose their work.
+//!
+//! The chief's loop always waits in a round: once the workers are done, in one whose gradients
+//! never come. A stop cancels that round's awaits, so the loop ends at once instead of when the
+//! round's deadline passes.
 
 use crate::optimizer::{GradsAndVars, Optimizer};
 use rill_graph::{
@@ -13,13 +17,15 @@ use rill_graph::{
     VariableOptions,
 };
 use rill_queues::{
-    accumulator_apply_gradient, accumulator_await_gradients, accumulator_set_global_step,
-    accumulator_take_gradient, conditional_accumulator, dequeue, enqueue_many, fifo_queue, Coordinator,
-    QueueOptions,
+    accumulator_apply_gradient, accumulator_await_gradients, accumulator_cancel_awaits,
+    accumulator_set_global_step, accumulator_take_gradient, conditional_accumulator, dequeue, enqueue_many,
+    fifo_queue, Coordinator, QueueOptions,
 };
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Wraps an optimizer so that replicas update the variables in lock step.
 pub struct SyncReplicasOptimizer<O: Optimizer> {
@@ -58,6 +64,9 @@ pub struct SyncReplicasOps {
     /// then take the means, apply them, increment the global step and release tokens. The takes
     /// start only once all are full, so a deadline that cuts a round has taken nothing.
     pub sync_op: Output,
+    /// Ends a round that waits for gradients: its awaits fail with `Cancelled`, having taken
+    /// nothing (run by the chief's loop on a stop).
+    pub cancel_round_op: Output,
     pub token_queue: Output,
     pub global_step: Output,
     pub accumulators: Vec<Output>,
@@ -187,6 +196,9 @@ impl<O: Optimizer> SyncReplicasOptimizer<O> {
         let sets: Vec<Output> =
             accumulators.iter().map(|&acc| accumulator_set_global_step(g, acc, gs)).collect();
         let resync_op = g.group(&format!("{name}/resync_accumulators"), &sets);
+        let cancels: Vec<Output> =
+            accumulators.iter().map(|&acc| accumulator_cancel_awaits(g, acc)).collect();
+        let cancel_round_op = g.group(&format!("{name}/cancel_round"), &cancels);
         let chief_init_op = g.group(&format!("{name}/chief_init"), &[local_step_init_op, resync_op]);
         g.status()?;
         Ok(SyncReplicasOps {
@@ -196,6 +208,7 @@ impl<O: Optimizer> SyncReplicasOptimizer<O> {
             chief_init_op,
             resync_op,
             sync_op,
+            cancel_round_op,
             token_queue,
             global_step: gs,
             accumulators,
@@ -261,7 +274,8 @@ impl SyncReplicasOps {
     }
 
     /// Starts the chief's update loop on a thread registered with `coord` (TensorFlow's chief
-    /// queue runner): `sync_op` round after round until a stop is requested.
+    /// queue runner): `sync_op` round after round until a stop is requested. A second registered
+    /// thread ends the round waiting at the stop (as a queue runner closes its queue then).
     pub fn start_chief_loop(
         &self,
         sess: Arc<dyn Session>,
@@ -269,11 +283,17 @@ impl SyncReplicasOps {
         opts: ChiefLoopOptions,
     ) -> ChiefLoop {
         let rounds = Arc::new(AtomicU64::new(0));
-        let (sync_op, resync_op) = (self.sync_op, self.resync_op);
-        let (c, r) = (coord.clone(), rounds.clone());
+        let (sync_op, resync_op, cancel_op) = (self.sync_op, self.resync_op, self.cancel_round_op);
+        // Dropped when the loop ends: tells the other thread that nothing waits any more.
+        let (ended_tx, ended) = mpsc::channel::<()>();
+        let (c, r, s) = (coord.clone(), rounds.clone(), sess.clone());
         coord.register_thread(std::thread::spawn(move || {
-            chief_loop(&*sess, &c, &r, sync_op, resync_op, &opts)
+            let _ended = ended_tx;
+            chief_loop(&*s, &c, &r, sync_op, resync_op, &opts)
         }));
+        let c = coord.clone();
+        coord
+            .register_thread(std::thread::spawn(move || cancel_round_on_stop(&*sess, &c, cancel_op, &ended)));
         ChiefLoop { rounds }
     }
 }
@@ -281,8 +301,8 @@ impl SyncReplicasOps {
 /// Options of the chief's loop.
 #[derive(Clone, Debug)]
 pub struct ChiefLoopOptions {
-    /// Deadline of one round: how long the chief waits for gradients before it looks at the
-    /// coordinator again. Bounds how long a stop takes.
+    /// Deadline of one round: how long the chief waits for gradients before it realigns the
+    /// accumulators and starts the round again. A stop does not wait for it.
     pub round_timeout_in_ms: u64,
     /// Rounds after which the loop ends by itself; 0 = until a stop is requested.
     pub max_rounds: u64,
@@ -337,6 +357,31 @@ fn chief_loop(
                 coord.request_stop(Some(e));
                 return;
             }
+        }
+    }
+}
+
+/// How often the stop watcher looks whether the loop ended by itself (no stop to wait for).
+const LOOP_ENDED_POLL: Duration = Duration::from_millis(50);
+/// How long the watcher gives the loop to end after a cancel before it cancels again.
+const CANCEL_RETRY: Duration = Duration::from_millis(20);
+/// Deadline of one cancel step.
+const CANCEL_TIMEOUT_MS: u64 = 1_000;
+
+/// Waits for a stop, then cancels the round the loop waits in, again until the loop has ended:
+/// it may have looked at the coordinator just before the stop and start its round after a cancel.
+fn cancel_round_on_stop(sess: &dyn Session, coord: &Coordinator, cancel_op: Output, ended: &Receiver<()>) {
+    while !coord.wait_for_stop(LOOP_ENDED_POLL) {
+        if let Err(TryRecvError::Disconnected) = ended.try_recv() {
+            return;
+        }
+    }
+    let ro = RunOptions { timeout_in_ms: CANCEL_TIMEOUT_MS, ..Default::default() };
+    while let Err(TryRecvError::Empty) = ended.try_recv() {
+        // A cancel that fails (a lost ps) leaves the round to its deadline.
+        let _ = sess.run(&[], &[], &[cancel_op], &ro);
+        if let Err(RecvTimeoutError::Disconnected) = ended.recv_timeout(CANCEL_RETRY) {
+            return;
         }
     }
 }

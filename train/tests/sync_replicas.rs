@@ -2,14 +2,15 @@
 //! every worker builds the same graph under `replica_device_setter` and trains through its own
 //! `RemoteSession`. Synchronous training (`SyncReplicasOptimizer`) advances the global step once
 //! per aggregated set of gradients and keeps going when a spare replica leaves; asynchronous
-//! training applies every gradient.
+//! training applies every gradient. A stop ends the chief's loop at once, not when the round it
+//! waits in reaches its deadline.
 
 use rill_graph::*;
 use rill_queues::Coordinator;
 use rill_train::*;
 use rill_transport::{ClusterSpec, RemoteSession, Server, ServerDef};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
     rill_transport::cluster::free_loopback_port().unwrap()
@@ -27,6 +28,9 @@ fn start_cluster(workers: usize) -> (Server, Vec<Server>) {
     };
     (start("ps", 0), (0..workers as u32).map(|t| start("worker", t)).collect())
 }
+
+/// The chief loop's round deadline in these tests.
+const ROUND_TIMEOUT_MS: u64 = 2_000;
 
 fn ro(ms: u64) -> RunOptions {
     RunOptions { timeout_in_ms: ms, ..Default::default() }
@@ -127,6 +131,8 @@ struct Report {
     chief_loop: Option<ChiefLoop>,
     /// Rounds of the chief's loop once it has ended.
     chief_rounds: Option<u64>,
+    /// From the stop request after the workers finished until every coordinated thread ended.
+    stop_took: Duration,
 }
 
 /// How long a worker trains.
@@ -154,7 +160,7 @@ fn worker(target: String, task: u32, mode: Mode, until: Until, coord: Arc<Coordi
         let init = if chief { ops.chief_init_op } else { ops.local_step_init_op };
         sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
         if chief {
-            let opts = ChiefLoopOptions { round_timeout_in_ms: 2_000, max_rounds: 1_000 };
+            let opts = ChiefLoopOptions { round_timeout_in_ms: ROUND_TIMEOUT_MS, max_rounds: 1_000 };
             chief_loop = Some(ops.start_chief_loop(sess.clone(), &coord, opts));
         }
     }
@@ -191,7 +197,15 @@ fn worker(target: String, task: u32, mode: Mode, until: Until, coord: Arc<Coordi
     }
     let loss_after = eval_loss(&*sess, &m);
     let global_step = sess.run(&[], &[m.global_step], &[], &ro(5_000)).unwrap()[0].scalar_value().unwrap();
-    Report { steps, loss_before, loss_after, global_step, chief_loop, chief_rounds: None }
+    Report {
+        steps,
+        loss_before,
+        loss_after,
+        global_step,
+        chief_loop,
+        chief_rounds: None,
+        stop_took: Duration::ZERO,
+    }
 }
 
 /// Runs one worker thread per `(task, until)` and stops the chief loop once all are done.
@@ -206,10 +220,13 @@ fn train(workers: &[Server], mode: Mode, plan: &[Until]) -> Vec<Report> {
         })
         .collect();
     let mut reports: Vec<Report> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let stopping = Instant::now();
     coord.request_stop(None);
     coord.join(Duration::from_secs(5)).unwrap();
+    let stop_took = stopping.elapsed();
     for r in &mut reports {
         r.chief_rounds = r.chief_loop.as_ref().map(|c| c.rounds());
+        r.stop_took = stop_took;
     }
     reports
 }
@@ -226,6 +243,24 @@ fn sync_training_advances_the_global_step_once_per_aggregated_pair() {
     assert_eq!(chief.global_step, STEPS as i64, "{reports:?}");
     assert_eq!(chief.chief_rounds, Some(STEPS as u64), "{reports:?}");
     assert!(chief.loss_after < 0.6 * chief.loss_before, "{reports:?}");
+}
+
+/// After its last round the chief's loop always waits in one more, for gradients the finished
+/// workers never send: the stop ends that round instead of letting it run to its deadline.
+#[test]
+fn a_normal_run_ends_without_waiting_out_a_round_deadline() {
+    let (_ps, workers) = start_cluster(2);
+    const STEPS: usize = 40;
+    let mode = Mode::Sync { aggregate: 2, total: 2 };
+    let t0 = Instant::now();
+    let reports = train(&workers, mode, &[Until::Steps(STEPS), Until::Steps(STEPS)]);
+    let took = t0.elapsed();
+    let chief = &reports[0];
+    assert_eq!(chief.global_step, STEPS as i64, "{reports:?}");
+    assert_eq!(chief.chief_rounds, Some(STEPS as u64), "{reports:?}");
+    let round_timeout = Duration::from_millis(ROUND_TIMEOUT_MS);
+    assert!(chief.stop_took < round_timeout / 4, "the stop took {:?}: {reports:?}", chief.stop_took);
+    assert!(took < round_timeout, "{STEPS} global steps took {took:?}: {reports:?}");
 }
 
 #[test]
@@ -302,4 +337,44 @@ fn a_round_waits_for_gradients_that_arrive_apart_without_losing_any() {
     assert_eq!(out[2].to_vec::<f32>().unwrap(), vec![-1.0, -1.0]);
     coord.request_stop(None);
     coord.join(Duration::from_secs(5)).unwrap();
+}
+
+/// A stop while the chief's round waits for gradients ends the round at once and takes nothing:
+/// the gradients already in stay, the global step is unchanged, and the coordinator sees no error.
+#[test]
+fn a_stop_ends_a_waiting_round_without_taking_anything() {
+    let g = Graph::new();
+    let global_step = create_global_step(&g).unwrap();
+    let v = g.variable("v", g.zeros([2]));
+    let loss = g.reduce_sum(v, &[], false);
+    let opt = SyncReplicasOptimizer::new(GradientDescent::new(1.0), 2, 2);
+    opt.minimize(&g, loss, Some(global_step)).unwrap();
+    let ops = opt.sync_ops().unwrap();
+    let acc = ops.accumulators[0];
+    let (step0, ones) = (g.scalar(0i64), g.fill_dynamic(g.ints(&[2]), g.scalar(1f32)));
+    let one_gradient = rill_queues::accumulator_apply_gradient(&g, acc, step0, ones);
+    let count = rill_queues::accumulator_num_accumulated(&g, acc);
+    let init = g.global_variables_initializer();
+    g.status().unwrap();
+    let sess: Arc<dyn Session> =
+        Arc::new(DirectSession::new(&g, &standard_runtime(), SessionOptions::default()).unwrap());
+    sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
+    sess.run(&[], &[], &[ops.chief_init_op], &ro(5_000)).unwrap();
+    // One replica's gradient of the two the round needs.
+    sess.run(&[], &[], &[one_gradient], &ro(5_000)).unwrap();
+    let coord = Coordinator::new();
+    let opts = ChiefLoopOptions { round_timeout_in_ms: 5_000, max_rounds: 0 };
+    let chief = ops.start_chief_loop(sess.clone(), &coord, opts);
+    // Long enough for the loop to be waiting in its first round.
+    std::thread::sleep(Duration::from_millis(100));
+    let stopping = Instant::now();
+    coord.request_stop(None);
+    coord.join(Duration::from_secs(2)).expect("a clean stop, well before the round's deadline");
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(1), "the stop took {took:?}");
+    assert_eq!(chief.rounds(), 0);
+    let out = sess.run(&[], &[global_step, count, v], &[], &ro(5_000)).unwrap();
+    assert_eq!(out[0].scalar_value::<i64>().unwrap(), 0);
+    assert_eq!(out[1].scalar_value::<i32>().unwrap(), 1);
+    assert_eq!(out[2].to_vec::<f32>().unwrap(), vec![0.0, 0.0]);
 }
