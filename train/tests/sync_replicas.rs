@@ -309,11 +309,7 @@ fn a_round_waits_for_gradients_that_arrive_apart_without_losing_any() {
         .map(|&acc| rill_queues::accumulator_apply_gradient(&g, acc, step0, ones))
         .collect();
     let init = g.global_variables_initializer();
-    g.status().unwrap();
-    let sess: Arc<dyn Session> =
-        Arc::new(DirectSession::new(&g, &standard_runtime(), SessionOptions::default()).unwrap());
-    sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
-    sess.run(&[], &[], &[ops.chief_init_op], &ro(5_000)).unwrap();
+    let sess = chief_session(&g, init, &ops);
     let coord = Coordinator::new();
     let opts = ChiefLoopOptions { round_timeout_in_ms: 30, max_rounds: 1 };
     let chief = ops.start_chief_loop(sess.clone(), &coord, opts);
@@ -355,11 +351,7 @@ fn a_stop_ends_a_waiting_round_without_taking_anything() {
     let one_gradient = rill_queues::accumulator_apply_gradient(&g, acc, step0, ones);
     let count = rill_queues::accumulator_num_accumulated(&g, acc);
     let init = g.global_variables_initializer();
-    g.status().unwrap();
-    let sess: Arc<dyn Session> =
-        Arc::new(DirectSession::new(&g, &standard_runtime(), SessionOptions::default()).unwrap());
-    sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
-    sess.run(&[], &[], &[ops.chief_init_op], &ro(5_000)).unwrap();
+    let sess = chief_session(&g, init, &ops);
     // One replica's gradient of the two the round needs.
     sess.run(&[], &[], &[one_gradient], &ro(5_000)).unwrap();
     let coord = Coordinator::new();
@@ -377,4 +369,14 @@ fn a_stop_ends_a_waiting_round_without_taking_anything() {
     assert_eq!(out[0].scalar_value::<i64>().unwrap(), 0);
     assert_eq!(out[1].scalar_value::<i32>().unwrap(), 1);
     assert_eq!(out[2].to_vec::<f32>().unwrap(), vec![0.0, 0.0]);
+}
+
+/// A local session over `g` with its variables initialised and the chief's state set up.
+fn chief_session(g: &Graph, init: Output, ops: &rill_train::SyncReplicasOps) -> Arc<dyn Session> {
+    g.status().unwrap();
+    let sess: Arc<dyn Session> =
+        Arc::new(DirectSession::new(g, &standard_runtime(), SessionOptions::default()).unwrap());
+    sess.run(&[], &[], &[init], &ro(5_000)).unwrap();
+    sess.run(&[], &[], &[ops.chief_init_op], &ro(5_000)).unwrap();
+    sess
 }
