@@ -452,8 +452,8 @@ mod tests {
     #[test]
     fn an_idle_helping_worker_runs_the_other_pools_queued_job() {
         let intra = ThreadPool::with_spin("helped", 1, Duration::ZERO);
-        let inter = ThreadPool::helping("helper", 1, Duration::ZERO, &intra);
-        // The helped pool's only worker is held busy, so only the helper can run the next job.
+        // The helped pool's only worker is held busy (before the helper exists, so the helper
+        // cannot take this job), so only the helper can run the next job.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (started, busy) = std::sync::mpsc::channel();
         intra.spawn(Box::new(move || {
@@ -461,6 +461,7 @@ mod tests {
             let _ = held.recv_timeout(Duration::from_secs(10));
         }));
         busy.recv_timeout(Duration::from_secs(10)).expect("the helped pool's worker started");
+        let inter = ThreadPool::helping("helper", 1, Duration::ZERO, &intra);
         let (tx, rx) = std::sync::mpsc::channel();
         intra.spawn(Box::new(move || {
             let name = std::thread::current().name().map(str::to_string);
