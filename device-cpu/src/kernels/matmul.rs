@@ -660,32 +660,39 @@ mod avx512 {
         unsafe { _mm512_storeu_ps(v.as_mut_ptr(), x) }
     }
 
-    /// The tiles of `S` A slivers (`MR`×kc each, depth-major) times `T` B slivers (kc×`NR`):
-    /// `acc[s][r][t]` holds row `r` of A sliver `s` times B sliver `t`.
+    /// Slivers of one operand: depth step `p` of sliver `i` starts at `data[i * apart + p * step]`.
+    #[derive(Clone, Copy)]
+    struct Slivers<'a> {
+        data: &'a [f32],
+        apart: usize,
+        step: usize,
+    }
+
+    /// The tiles of `S` A slivers (`MR` floats a depth step) times `T` B slivers (`NR` floats a
+    /// step), `kc` deep: `acc[s][r][t]` holds row `r` of A sliver `s` times B sliver `t`.
     #[inline]
     #[allow(unsafe_code)]
     #[target_feature(enable = "avx512f")]
     fn micro<const S: usize, const T: usize>(
-        a: [&[f32]; S],
-        (b, b_step): ([&[f32]; T], usize),
+        a: Slivers<'_>,
+        b: Slivers<'_>,
         kc: usize,
     ) -> [[[__m512; T]; MR]; S] {
-        let b_len = (kc.max(1) - 1) * b_step + NR;
-        assert!(a.iter().all(|x| x.len() >= MR * kc) && b.iter().all(|x| x.len() >= b_len));
-        let (ap, bp) = (a.map(<[f32]>::as_ptr), b.map(<[f32]>::as_ptr));
+        let last = kc.max(1) - 1;
+        assert!(a.data.len() >= (S - 1) * a.apart + last * a.step + MR);
+        assert!(b.data.len() >= (T - 1) * b.apart + last * b.step + NR);
+        let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
         let mut acc = [[[_mm512_setzero_ps(); T]; MR]; S];
         for p in 0..kc {
             let mut bv = [_mm512_setzero_ps(); T];
-            for (v, b_t) in bv.iter_mut().zip(bp) {
-                // SAFETY: `p < kc` and every B sliver holds `NR` floats at each of its `kc` steps,
-                // `b_step` apart (asserted).
-                *v = unsafe { _mm512_loadu_ps(b_t.add(p * b_step)) };
+            for (t, v) in bv.iter_mut().enumerate() {
+                // SAFETY: `t < T` and `p < kc`: inside `b` (asserted).
+                *v = unsafe { _mm512_loadu_ps(bp.add(t * b.apart + p * b.step)) };
             }
-            for (acc_s, a_s) in acc.iter_mut().zip(ap) {
+            for (s, acc_s) in acc.iter_mut().enumerate() {
                 for (r, acc_r) in acc_s.iter_mut().enumerate() {
-                    // SAFETY: `p < kc`, `r < MR`, and every A sliver holds `kc` steps of `MR`
-                    // floats (asserted).
-                    let x = _mm512_set1_ps(unsafe { a_s.add(p * MR + r).read() });
+                    // SAFETY: `s < S`, `p < kc` and `r < MR`: inside `a` (asserted).
+                    let x = _mm512_set1_ps(unsafe { ap.add(s * a.apart + p * a.step + r).read() });
                     for (acc_t, &v) in acc_r.iter_mut().zip(&bv) {
                         *acc_t = _mm512_fmadd_ps(x, v, *acc_t);
                     }
@@ -693,6 +700,37 @@ mod avx512 {
             }
         }
         acc
+    }
+
+    /// `micro`, its tiles written (or added, when `accumulate`) to C: `S`·`MR` whole rows of
+    /// `T`·`NR` columns from the start of `c`, rows `ldc` apart.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    fn micro_into<const S: usize, const T: usize>(
+        a: Slivers<'_>,
+        b: Slivers<'_>,
+        kc: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        assert!(c.len() >= (S * MR - 1) * ldc + T * NR);
+        let acc = micro::<S, T>(a, b, kc);
+        let cp = c.as_mut_ptr();
+        for (s, acc_s) in acc.iter().enumerate() {
+            for (r, acc_r) in acc_s.iter().enumerate() {
+                for (t, &x) in acc_r.iter().enumerate() {
+                    // SAFETY: row `s·MR + r` < `S·MR` and column `t·NR + 15` < `T·NR`, inside `c`
+                    // (asserted).
+                    unsafe {
+                        let at = cp.add((s * MR + r) * ldc + t * NR);
+                        let x = if accumulate { _mm512_add_ps(x, _mm512_loadu_ps(at)) } else { x };
+                        _mm512_storeu_ps(at, x);
+                    }
+                }
+            }
+        }
     }
 
     /// The tiles of `S` A slivers from `si` on, times `T` B slivers from `sj` on, into C.
@@ -709,11 +747,18 @@ mod avx512 {
         (mc, j0, nc): (usize, usize, usize),
         accumulate: bool,
     ) {
-        let a: [&[f32]; S] = std::array::from_fn(|s| &pa[(si + s) * MR * kc..][..MR * kc]);
-        let b: ([&[f32]; T], usize) = match pb {
-            BlockB::Packed(pb) => (std::array::from_fn(|t| &pb[(sj + t) * NR * kc..][..NR * kc]), NR),
-            BlockB::Rows { data, ld } => (std::array::from_fn(|t| &data[(sj + t) * NR..]), ld),
+        let a = Slivers { data: &pa[si * MR * kc..], apart: MR * kc, step: MR };
+        let b = match pb {
+            BlockB::Packed(pb) => Slivers { data: &pb[sj * NR * kc..], apart: NR * kc, step: NR },
+            BlockB::Rows { data, ld } => Slivers { data: &data[sj * NR..], apart: NR, step: ld },
         };
+        let r0 = si * MR;
+        let (rows, cols) = (mc.saturating_sub(r0), nc.saturating_sub(sj * NR));
+        if rows >= S * MR && cols >= T * NR {
+            // A whole tile: C is updated from the accumulators as they are, not through a copy.
+            let c = &mut c[r0 * ldc + j0 + sj * NR..];
+            return micro_into::<S, T>(a, b, kc, c, ldc, accumulate);
+        }
         let acc = micro::<S, T>(a, b, kc);
         for (s, acc_s) in acc.iter().enumerate() {
             let r0 = (si + s) * MR;
