@@ -1,9 +1,10 @@
 //! MatMul: a cache-blocked f32 GEMM (packed panels, a register-tiled micro-kernel, AVX2/FMA when
 //! the CPU has it), f16/bf16 through f32, and a plain row-parallel loop for f64 and integers.
 //!
-//! The f32 loop nest follows BLIS: for each group of columns, all of op(B) is packed once, in
-//! parallel, into depth blocks (`KC`, or `KC_AVX512` deep) of `NR`-column slivers; then bands of rows of C are claimed by
-//! the pool's threads. A band walks the depth blocks outermost, so one block of packed B is reused
+//! The f32 loop nest follows BLIS: for each group of columns, op(B) is packed once, in parallel,
+//! into depth blocks (`KC`, or `KC_AVX512` deep) of `NR`-column slivers (the next group's packing
+//! runs as the last work items of the group before); then bands of rows of C are claimed by the
+//! pool's threads. A band walks the depth blocks outermost, so one block of packed B is reused
 //! by all of the band's `MC`-row blocks while it is still in cache; for each, the band packs its
 //! `MC`-row block of op(A) for that depth and runs the micro-kernel with one B sliver in L1 (AVX2)
 //! and the A block in L2.
@@ -99,6 +100,8 @@ thread_local! {
     /// Packing buffers kept per thread between calls, so a product's packing faults in no fresh
     /// pages: op(B) on the thread that calls `gemm_f32`, op(A) on every thread that runs a block.
     static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The column group packed while the bands read the one in `PACKED_B`.
+    static PACKED_B_NEXT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     static PACKED_A: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// The column parts of a split by columns, on the thread that calls `gemm_f32`.
     static COLUMN_PARTS: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
@@ -1106,43 +1109,93 @@ fn gemm_f32_on(
         });
         return;
     }
-    for j0 in (0..n).step_by(group) {
-        let nc = group.min(n - j0);
-        let ncp = nc.div_ceil(NR) * NR;
-        with_buffer(&PACKED_B, k * ncp, |pb| {
-            // Pack B in parallel: each depth block split into runs of slivers, a few per thread.
-            let depth = depth_block(simd, k);
-            let blocks = k.div_ceil(depth);
-            let runs = (threads * 2).div_ceil(blocks).min(ncp / NR);
-            let per_run = (ncp / NR).div_ceil(runs) * NR;
-            let mut items = Vec::new();
-            let mut rest = &mut *pb;
-            for p0 in (0..k).step_by(depth) {
-                let kc = depth.min(k - p0);
-                let (block, tail) = rest.split_at_mut(kc * ncp);
-                rest = tail;
-                for (r, run) in block.chunks_mut(per_run * kc).enumerate() {
-                    items.push((p0, kc, r * per_run, run));
+    // Column groups, each packed whole and then read by every band. A group after the first is
+    // packed by the last items of the group before it: a thread out of bands packs the next group
+    // while the others finish theirs, instead of both waiting and then packing.
+    let groups: Vec<(usize, usize)> = (0..n).step_by(group).map(|j0| (j0, group.min(n - j0))).collect();
+    let widest = group.min(n).div_ceil(NR) * NR;
+    let depth = depth_block(simd, k);
+    // Bands of whole micro-tiles, each at most `BAND_BLOCKS` A blocks, their number a multiple of
+    // the threads and the tiles spread evenly so every thread gets the same share.
+    let per_band = BAND_BLOCKS * MC / MR;
+    let nbands = tiles.div_ceil(per_band).div_ceil(threads).saturating_mul(threads).min(tiles);
+    let second = if groups.len() > 1 { k * widest } else { 0 };
+    with_buffer(&PACKED_B, k * widest, |first| {
+        with_buffer(&PACKED_B_NEXT, second, |second| {
+            let mut bufs = [first, second];
+            let items = pack_items(k, depth, groups[0], threads, &mut *bufs[0]);
+            parallel_items(pool, items, |_, it| it.run(&b));
+            for (g, &(j0, nc)) in groups.iter().enumerate() {
+                let [x, y] = &mut bufs;
+                let (packed, next) = if g % 2 == 0 { (&**x, &mut **y) } else { (&**y, &mut **x) };
+                let packed = &packed[..k * nc.div_ceil(NR) * NR];
+                let mut items: Vec<GroupWork<'_>> =
+                    bands(&mut *c, m, n, nbands).into_iter().map(GroupWork::Band).collect();
+                if let Some(&following) = groups.get(g + 1) {
+                    items.extend(
+                        pack_items(k, depth, following, threads, next).into_iter().map(GroupWork::Pack),
+                    );
                 }
+                parallel_items(pool, items, |_, work| match work {
+                    GroupWork::Band((i0, rows)) => {
+                        row_band(simd, &a, PackedB::Shared(packed), k, i0, rows, n, j0, nc, accumulate);
+                        if let Some(e) = epi {
+                            e.apply(rows, n, i0, j0, j0, nc);
+                        }
+                    }
+                    GroupWork::Pack(it) => it.run(&b),
+                });
             }
-            parallel_items(pool, items, |_, (p0, kc, c0, run)| {
-                pack_b(&b, p0, kc, j0 + c0, (nc - c0).min(per_run), run);
-            });
-            // Bands of whole micro-tiles, each at most `BAND_BLOCKS` A blocks, their number a
-            // multiple of the threads and the tiles spread evenly so every thread gets the same
-            // share.
-            let per_band = BAND_BLOCKS * MC / MR;
-            let nbands = tiles.div_ceil(per_band).div_ceil(threads).saturating_mul(threads).min(tiles);
-            let items = bands(&mut *c, m, n, nbands);
-            let pb = &*pb;
-            parallel_items(pool, items, |_, (i0, rows)| {
-                row_band(simd, &a, PackedB::Shared(pb), k, i0, rows, n, j0, nc, accumulate);
-                if let Some(e) = epi {
-                    e.apply(rows, n, i0, j0, j0, nc);
-                }
-            });
-        });
+        })
+    });
+}
+
+/// One item of a column group's work: a band of C's rows, or a run of the next group's packing.
+enum GroupWork<'a> {
+    Band((usize, &'a mut [f32])),
+    Pack(PackRun<'a>),
+}
+
+/// Slivers of one depth block of op(B) to pack: columns `c0..c0 + cols`, depth `p0..p0 + kc`.
+struct PackRun<'a> {
+    p0: usize,
+    kc: usize,
+    c0: usize,
+    cols: usize,
+    run: &'a mut [f32],
+}
+
+impl PackRun<'_> {
+    fn run(self, b: &Operand<'_, f32>) {
+        pack_b(b, self.p0, self.kc, self.c0, self.cols, self.run)
     }
+}
+
+/// The runs packing column group `j0..j0 + nc` of op(B) into `buf`, depth block after depth
+/// block (`depth` deep): each block split into runs of slivers, a few per thread.
+fn pack_items(
+    k: usize,
+    depth: usize,
+    (j0, nc): (usize, usize),
+    threads: usize,
+    buf: &mut [f32],
+) -> Vec<PackRun<'_>> {
+    let ncp = nc.div_ceil(NR) * NR;
+    let blocks = k.div_ceil(depth);
+    let runs = (threads * 2).div_ceil(blocks).min(ncp / NR);
+    let per_run = (ncp / NR).div_ceil(runs) * NR;
+    let mut items = Vec::new();
+    let mut rest = &mut buf[..k * ncp];
+    for p0 in (0..k).step_by(depth) {
+        let kc = depth.min(k - p0);
+        let (block, tail) = rest.split_at_mut(kc * ncp);
+        rest = tail;
+        for (r, run) in block.chunks_mut(per_run * kc).enumerate() {
+            let c0 = r * per_run;
+            items.push(PackRun { p0, kc, c0: j0 + c0, cols: (nc - c0).min(per_run), run });
+        }
+    }
+    items
 }
 
 /// The few-rows product split by columns: each thread packs only its runs of B's columns and
@@ -1462,24 +1515,37 @@ mod tests {
         }
     }
 
-    /// A B larger than `PACKED_B_MAX` is packed in column groups (here 1904 columns, then 96),
-    /// the last group narrower than the others.
+    /// A B larger than `PACKED_B_MAX` is packed in column groups, each group after the first
+    /// while the bands read the one before: three groups on one thread (1904, 1904 and 192
+    /// columns, the third packed into the first's buffer again), two on a pool of two threads
+    /// (3488 and 112). Every seventh row is checked.
     #[test]
     fn a_wide_b_is_packed_in_column_groups() {
-        let (m, k, n) = (13, 1100, 2000);
-        assert!(k * n > PACKED_B_MAX && (PACKED_B_MAX / k / NR) * NR < n);
-        let av: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
-        let bv: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();
-        let a = Operand::new(&av, k, false);
-        for tb in [false, true] {
-            let b = Operand::new(&bv, if tb { k } else { n }, tb);
-            let mut want = vec![0f32; m * n];
-            reference(&a, &b, k, &mut want, n, false);
-            for simd in Simd::available() {
-                let mut got = vec![f32::NAN; m * n];
-                gemm_f32_on(simd, &InlinePool, a, b, k, &mut got, n, false, None);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - w).abs() <= 1e-3, "tb={tb} simd={simd:?} at {i}: {g} vs {w}");
+        let threads = crate::pool::ThreadPool::new("gemm-test", 2);
+        let cases: [(usize, usize, usize, &dyn IntraOpPool); 2] =
+            [(13, 1100, 4000, &InlinePool), (450, 600, 3600, &threads)];
+        for (m, k, n, pool) in cases {
+            // Past `PACKED_B_MAX`, and on more than one thread with more rows than the few-rows
+            // split takes.
+            let threads = pool.num_threads();
+            assert!(k * n > PACKED_B_MAX && (threads == 1 || m.div_ceil(MR) > threads * MC / MR));
+            let av: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+            let bv: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();
+            let a = Operand::new(&av, k, false);
+            for tb in [false, true] {
+                let b = Operand::new(&bv, if tb { k } else { n }, tb);
+                let rows: Vec<usize> = (0..m).step_by(7).collect();
+                let want: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&i| (0..n).map(move |j| (0..k).map(|p| a.at(i, p) * b.at(p, j)).sum()))
+                    .collect();
+                for simd in Simd::available() {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_f32_on(simd, pool, a, b, k, &mut got, n, false, None);
+                    for (r, &i) in rows.iter().enumerate() {
+                        let (got, want) = (&got[i * n..][..n], &want[r * n..][..n]);
+                        assert!(got == want, "{m}x{k}x{n} tb={tb} simd={simd:?} row {i}");
+                    }
                 }
             }
         }
