@@ -175,8 +175,23 @@ fn interleave_b(sliver: &mut [f32], srcs: &[&[f32]; NR]) {
 }
 
 /// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into `NR`-column slivers, zero-padded.
+#[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
 fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf: &mut [f32]) {
-    for (s, sliver) in buf.chunks_exact_mut(NR * kc).enumerate() {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if !b.trans && has_avx2_fma() {
+        done = nc / NR;
+        let whole = &mut buf[..done * NR * kc];
+        // SAFETY: `has_avx512()` found AVX-512F, `has_avx2_fma()` AVX2 and FMA on this CPU.
+        unsafe {
+            if has_avx512() {
+                avx512::pack_b_rows(b, p0, kc, j0, done, whole)
+            } else {
+                avx2::pack_b_rows(b, p0, kc, j0, done, whole)
+            }
+        }
+    }
+    for (s, sliver) in buf.chunks_exact_mut(NR * kc).enumerate().skip(done) {
         let c0 = j0 + s * NR;
         let cols = NR.min(j0 + nc - c0);
         if b.trans {
@@ -198,6 +213,37 @@ fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf:
                 let src = &b.data[(p0 + p) * b.ld + c0..][..cols];
                 dst[..cols].copy_from_slice(src);
                 dst[cols..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Depth steps `pack_b_rows` copies into every sliver before it moves on to the next steps: a
+/// few stored rows read whole, one after another. Sliver by sliver, every depth step read one
+/// line of a new row, which ran at two thirds of the speed (a 2048-deep block of 1024 columns:
+/// 0.75 ms against 0.51).
+const PACK_B_ROWS: usize = 8;
+
+/// `pack_b` for the first `slivers` whole slivers of an untransposed B (stored k×n), each depth
+/// step of a sliver `NR` adjacent floats of one stored row. Inlined into the AVX2 and AVX-512
+/// wrappers, so each step is one or two vector moves.
+#[inline(always)]
+#[allow(unsafe_code)]
+fn pack_b_rows(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, slivers: usize, buf: &mut [f32]) {
+    assert!(buf.len() >= slivers * NR * kc);
+    assert!(kc == 0 || slivers == 0 || b.data.len() >= (p0 + kc - 1) * b.ld + j0 + slivers * NR);
+    let (src, dst) = (b.data.as_ptr(), buf.as_mut_ptr());
+    for q in (0..kc).step_by(PACK_B_ROWS) {
+        for s in 0..slivers {
+            for p in q..(q + PACK_B_ROWS).min(kc) {
+                // SAFETY: `p < kc` and `s < slivers`: both runs lie inside their slices (asserted).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.add((p0 + p) * b.ld + j0 + s * NR),
+                        dst.add((s * kc + p) * NR),
+                        NR,
+                    )
+                };
             }
         }
     }
@@ -437,7 +483,7 @@ fn block_portable(
 mod avx2 {
     //! The AVX2+FMA micro-kernel and the macro-kernel around it.
 
-    use super::{merge_tile, KC_MAX, MR, NR};
+    use super::{merge_tile, Operand, KC_MAX, MR, NR};
     use std::arch::x86_64::{
         __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_set1_ps,
         _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
@@ -497,6 +543,19 @@ mod avx2 {
                 sliver[p * NR + c] = src[p];
             }
         }
+    }
+
+    /// `super::pack_b_rows` with AVX2 moves.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn pack_b_rows(
+        b: &Operand<'_, f32>,
+        p0: usize,
+        kc: usize,
+        j0: usize,
+        slivers: usize,
+        buf: &mut [f32],
+    ) {
+        super::pack_b_rows(b, p0, kc, j0, slivers, buf)
     }
 
     /// Eight floats from the start of `v`.
@@ -649,7 +708,7 @@ mod avx512 {
     //! three quarters of this tile's speed and two (6×32, 12×32) at about nine tenths: the broadcasts,
     //! not the FMAs, bounded them. The packing is the AVX2 kernel's.
 
-    use super::{merge_tile, BlockB, KC_MAX, MR, NR};
+    use super::{merge_tile, BlockB, Operand, KC_MAX, MR, NR};
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
         _mm512_storeu_ps,
@@ -806,6 +865,19 @@ mod avx512 {
             }
             merge_tile(&t, c, ldc, rows, cols, accumulate);
         }
+    }
+
+    /// `super::pack_b_rows` with AVX-512 moves.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn pack_b_rows(
+        b: &Operand<'_, f32>,
+        p0: usize,
+        kc: usize,
+        j0: usize,
+        slivers: usize,
+        buf: &mut [f32],
+    ) {
+        super::pack_b_rows(b, p0, kc, j0, slivers, buf)
     }
 
     /// A slivers per tile: with `B_SLIVERS` that makes `A_SLIVERS`·`MR`·`B_SLIVERS` zmm accumulators.
@@ -1564,6 +1636,41 @@ mod tests {
             let mut got = vec![-1f32; NR * kc];
             interleave_b(&mut got, &srcs);
             assert_eq!(got, want, "depth {kc}");
+        }
+    }
+
+    /// `pack_b` of an untransposed B, by row blocks where the CPU has AVX2 (both vector widths
+    /// where it has them), against a packing read off element by element: depths around
+    /// `PACK_B_ROWS`, a partial last sliver, and columns starting inside B.
+    #[test]
+    fn untransposed_packing_matches_the_plain_layout() {
+        let (k, n): (usize, usize) = (40, 75);
+        let data: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let b = Operand::new(&data, n, false);
+        for (p0, kc) in [(0, 1), (3, 7), (0, 8), (5, 9), (1, 17), (0, 40)] {
+            for (j0, nc) in [(0usize, 16usize), (0, 75), (5, 64), (11, 37), (70, 5)] {
+                let slivers = nc.div_ceil(NR);
+                let mut want = vec![0f32; slivers * NR * kc];
+                for (s, sliver) in want.chunks_exact_mut(NR * kc).enumerate() {
+                    for p in 0..kc {
+                        for c in 0..NR.min(nc - s * NR) {
+                            sliver[p * NR + c] = data[(p0 + p) * n + j0 + s * NR + c];
+                        }
+                    }
+                }
+                let mut got = vec![-1f32; want.len()];
+                pack_b(&b, p0, kc, j0, nc, &mut got);
+                assert_eq!(got, want, "depth {p0}+{kc}, columns {j0}+{nc}");
+                #[cfg(target_arch = "x86_64")]
+                #[allow(unsafe_code)]
+                if has_avx2_fma() {
+                    let whole = nc / NR * NR * kc;
+                    got.fill(-1.0);
+                    // SAFETY: `has_avx2_fma()` found AVX2 and FMA on this CPU.
+                    unsafe { avx2::pack_b_rows(&b, p0, kc, j0, nc / NR, &mut got) };
+                    assert_eq!(got[..whole], want[..whole], "AVX2, depth {p0}+{kc}, columns {j0}+{nc}");
+                }
+            }
         }
     }
 
