@@ -11,10 +11,10 @@ use crate::digits::{
     TRAIN_TFRECORDS,
 };
 use crate::{
-    create_global_step, models, replica_device_setter, staleness_histogram, Adam, AsyncPolicy,
-    AsyncReplicasOptimizer, ChiefLoopOptions, FileWriter, HalfTransfer, Histogram, MonitoredSession,
-    MonitoredSessionOptions, Optimizer, ReplicaDeviceSetterOptions, SaverOptions, Scaffold, SessionFactory,
-    SyncReplicasOps, SyncReplicasOptimizer,
+    create_global_step, exponential_decay, models, replica_device_setter, staleness_histogram, Adam,
+    AsyncPolicy, AsyncReplicasOptimizer, ChiefLoopOptions, FileWriter, HalfTransfer, Histogram,
+    MonitoredSession, MonitoredSessionOptions, Optimizer, ReplicaDeviceSetterOptions, SaverOptions, Scaffold,
+    SessionFactory, SyncReplicasOps, SyncReplicasOptimizer,
 };
 use rill_graph::{
     Code, DType, Graph, Output, Result, RunMetadata, RunOptions, Session, SessionOptions, TraceLevel,
@@ -48,7 +48,11 @@ pub struct TrainOptions {
     /// Training stops when the global step reaches this.
     pub steps: i64,
     pub batch_size: usize,
+    /// Adam's learning rate at global step 0.
     pub learning_rate: f64,
+    /// The factor the rate has decayed to (exponentially, step by step) when the global step
+    /// reaches `steps`; 1 keeps it constant.
+    pub lr_decay: f64,
     pub ps_tasks: usize,
     /// Workers in the job (sync: `total_num_replicas`, the tokens released per update).
     pub workers: usize,
@@ -80,6 +84,7 @@ impl Default for TrainOptions {
             steps: 400,
             batch_size: 64,
             learning_rate: 0.01,
+            lr_decay: LR_DECAY,
             ps_tasks: 1,
             workers: 2,
             replicas_to_aggregate: None,
@@ -114,6 +119,9 @@ pub struct TrainReport {
     /// Async: the staleness of this worker's gradients (global steps), step by step.
     pub staleness: Option<Histogram>,
 }
+
+/// The default `TrainOptions::lr_decay`.
+pub const LR_DECAY: f64 = 0.1;
 
 /// Consecutive step deadlines a worker tolerates before it gives up (each is `step_timeout_ms`).
 const STEP_TIMEOUTS_MAX: u32 = 5;
@@ -163,7 +171,11 @@ fn build(g: &Graph, task: u32, o: &TrainOptions) -> Result<Model> {
         };
         let loss = models::softmax_loss(g, logits, y);
         let accuracy = models::accuracy(g, logits, y);
-        let opt = Adam::new(o.learning_rate);
+        let opt = if o.lr_decay == 1.0 {
+            Adam::new(o.learning_rate)
+        } else {
+            Adam::new(exponential_decay(g, o.learning_rate, global_step, o.steps.max(1), o.lr_decay, false))
+        };
         let (train_op, sync, release, staleness) = match o.mode {
             Mode::Async => {
                 let opt = AsyncReplicasOptimizer::new(opt, o.async_policy, task == 0);
@@ -278,6 +290,13 @@ pub fn run_worker(server: &Server, task: u32, o: &TrainOptions) -> Result<TrainR
         report.local_steps += 1;
         report.final_loss = out[0].scalar_value::<f32>()?;
         report.global_step = out[1].scalar_value::<i64>()?;
+        if report.global_step + 1 == o.steps {
+            // The step fetched may predate this run's own update (a sync round is applied by the
+            // chief while the worker waits for its token): read it again before one more step,
+            // as TensorFlow's `StopAtStepHook` does.
+            let now = sess.run(&[], &[m.global_step], &[], &ro(o.step_timeout_ms))?;
+            report.global_step = now[0].scalar_value::<i64>()?;
+        }
         if let (Some(h), Some(t)) = (staleness.as_mut(), out.get(2)) {
             h.add(t.scalar_value::<i64>()? as f64);
         }

@@ -12,13 +12,9 @@ fn free_port() -> u16 {
 }
 
 fn train(opts: TrainOptions) -> Vec<TrainReport> {
-    let spec = ClusterSpec::parse(&format!(
-        "ps=127.0.0.1:{};worker=127.0.0.1:{},127.0.0.1:{}",
-        free_port(),
-        free_port(),
-        free_port()
-    ))
-    .unwrap();
+    let workers: Vec<String> = (0..opts.workers).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let spec =
+        ClusterSpec::parse(&format!("ps=127.0.0.1:{};worker={}", free_port(), workers.join(","))).unwrap();
     let start = |job: &str, task: u32| {
         let mut def = ServerDef::new(spec.clone(), job, task).unwrap();
         def.default_session_options.inter_op_parallelism_threads = 2;
@@ -26,7 +22,7 @@ fn train(opts: TrainOptions) -> Vec<TrainReport> {
         Server::start(def, standard_runtime()).unwrap()
     };
     let _ps = start("ps", 0);
-    let workers: Vec<Server> = (0..2).map(|t| start("worker", t)).collect();
+    let workers: Vec<Server> = (0..opts.workers as u32).map(|t| start("worker", t)).collect();
     let out =
         std::env::temp_dir().join(format!("rill-job-{}-{}", std::process::id(), rill_graph::random_u64()));
     let opts = TrainOptions { out_dir: out.clone(), ..opts };
@@ -74,4 +70,13 @@ fn sync_and_async_training_reach_the_accuracy_target() {
     let (_, half_bytes) = check("async, f16 gradients", &train(half));
     // Parameters still travel as f32: gradients are about half of the bytes.
     assert!(half_bytes < 0.85 * plain_bytes, "f16 gradients: {half_bytes} vs {plain_bytes} bytes per step");
+}
+
+/// A sync worker stops at the goal, not one step past it: the global step it fetches is read
+/// before the round its own gradient completes, so it reads it again (as `StopAtStepHook`). With
+/// one worker every local step is one round, so a step past the goal would show as step 61.
+#[test]
+fn a_sync_worker_stops_at_the_goal() {
+    let reports = train(TrainOptions { workers: 1, steps: 60, ..options(Mode::Sync) });
+    assert_eq!((reports[0].global_step, reports[0].local_steps), (60, 60), "{reports:?}");
 }

@@ -63,6 +63,12 @@ const TRAIN_FLAGS: &[Flag] = &[
     flag("--steps", Some("N"), "global steps to train (default 400)"),
     flag("--model", Some("mlp|cnn"), "the model (default mlp)"),
     flag("--batch", Some("N"), "examples per step and worker (default 64)"),
+    flag("--lr", Some("X"), "Adam's learning rate at the first step (default 0.01)"),
+    flag(
+        "--lr-decay",
+        Some("X"),
+        "the rate decays exponentially to X times the first by the last step (default 0.1; 1: constant)",
+    ),
     flag("--workers", Some("N"), "workers in the job, for sync (default: the cluster's worker tasks)"),
     flag("--out", Some("DIR"), "where the chief writes events, the trace and checkpoints (and resumes from)"),
     flag("--log-every", Some("N"), "a PROGRESS line every N local steps (default 20)"),
@@ -325,6 +331,14 @@ fn cmd_train(args: &[String]) -> Result<(), Failure> {
     };
     o.steps = number(&p, "--steps", "a step count")?.unwrap_or(o.steps);
     o.batch_size = number(&p, "--batch", "a batch size")?.unwrap_or(o.batch_size);
+    o.learning_rate = number(&p, "--lr", "a learning rate")?.unwrap_or(o.learning_rate);
+    o.lr_decay = number(&p, "--lr-decay", "a factor")?.unwrap_or(o.lr_decay);
+    if !(o.learning_rate.is_finite() && o.learning_rate > 0.0 && o.lr_decay.is_finite() && o.lr_decay > 0.0) {
+        return Err(Failure::Usage(format!(
+            "--lr {} and --lr-decay {} must be finite and above 0",
+            o.learning_rate, o.lr_decay
+        )));
+    }
     o.workers = number(&p, "--workers", "a worker count")?.unwrap_or(o.workers);
     o.log_every = number(&p, "--log-every", "a step count")?.unwrap_or(o.log_every).max(1);
     o.replicas_to_aggregate = number(&p, "--replicas-to-aggregate", "a replica count")?;
