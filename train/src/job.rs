@@ -293,9 +293,11 @@ pub fn run_worker(server: &Server, task: u32, o: &TrainOptions) -> Result<TrainR
         if report.global_step + 1 == o.steps {
             // The step fetched may predate this run's own update (a sync round is applied by the
             // chief while the worker waits for its token): read it again before one more step,
-            // as TensorFlow's `StopAtStepHook` does.
-            let now = sess.run(&[], &[m.global_step], &[], &ro(o.step_timeout_ms))?;
-            report.global_step = now[0].scalar_value::<i64>()?;
+            // as TensorFlow's `StopAtStepHook` does. Should the read fail, the next step meets
+            // the same fault and handles it as any step does.
+            if let Ok(now) = sess.run(&[], &[m.global_step], &[], &ro(o.step_timeout_ms)) {
+                report.global_step = now[0].scalar_value::<i64>()?;
+            }
         }
         if let (Some(h), Some(t)) = (staleness.as_mut(), out.get(2)) {
             h.add(t.scalar_value::<i64>()? as f64);

@@ -3,8 +3,8 @@
 //! parallel over batch × row blocks; f16 and bf16 are computed in f32.
 
 use super::matmul::{
-    gemm_serial, pack_panel, pack_transposed, tile_from_gathered, tile_from_runs, widen, Operand, TILE_COLS,
-    TILE_ROWS,
+    gemm_serial, pack_panel, pack_transposed, simd, tile_from_gathered, tile_from_runs, widen, Operand, Simd,
+    TILE_COLS, TILE_ROWS,
 };
 use super::{int_vector, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
@@ -416,7 +416,7 @@ fn conv2d_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], filter: &[f32], ou
     let bordered = (c < DIRECT_MIN_DEPTH).then(|| Bordered::new(g, x));
     let (segs, run) = if bordered.is_some() { (g.k_h, g.k_w * c) } else { (g.k_h * g.k_w, c) };
     let zeros = vec![0f32; run];
-    let simd = super::matmul::simd();
+    let simd = simd();
     let tiles = positions.div_ceil(TILE_ROWS);
     let per = chunk_len(pool, tiles, PARALLEL_MIN_COST.div_ceil(TILE_ROWS * k * oc).max(1));
     parallel_chunks_mut(pool, out, per * TILE_ROWS * oc, |off, chunk| {
@@ -527,7 +527,7 @@ fn conv2d_backprop_input_direct(
 fn conv2d_backprop_filter_direct(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy: &[f32], df: &mut [f32]) {
     let (k, c, oc, segs) = (g.patch_len(), g.in_c, g.out_c, g.k_h * g.k_w);
     let ocp = oc.div_ceil(TILE_ROWS) * TILE_ROWS;
-    let (simd, zeros) = (super::matmul::simd(), vec![0f32; c]);
+    let (simd, zeros) = (simd(), vec![0f32; c]);
     let partials = per_thread_sums(pool, g, ocp * k, |positions, acc| {
         let mut packed = vec![0f32; ocp * FILTER_GRAD_BLOCK];
         let mut runs: Vec<&[f32]> = Vec::with_capacity(segs * FILTER_GRAD_BLOCK);
@@ -598,7 +598,7 @@ fn per_thread_sums(
 fn conv2d_backprop_filter_bordered(pool: &dyn IntraOpPool, g: &Geom, x: &[f32], dy: &[f32], df: &mut [f32]) {
     let (k, c, oc) = (g.patch_len(), g.in_c, g.out_c);
     let (kp, ocw) = (k.div_ceil(TILE_ROWS) * TILE_ROWS, oc.div_ceil(TILE_COLS) * TILE_COLS);
-    let simd = super::matmul::simd();
+    let simd = simd();
     let bordered = Bordered::new(g, x);
     let row = g.k_w * c;
     let offsets: Vec<usize> = (0..k).map(|kk| kk / row * bordered.w * c + kk % row).collect();
@@ -697,8 +697,20 @@ enum ConvOp {
 }
 
 impl ConvOp {
-    fn run<E: Num + Arith>(self, pool: &dyn IntraOpPool, g: &Geom, a: &[E], b: &[E], out: &mut [E]) {
-        if run_direct(self, pool, g, a, b, out) {
+    /// Runs the op on the GEMM of kernel level `simd`. The direct convolutions compute 6×16 tiles
+    /// at the AVX2 width; where the GEMM has the AVX-512 macro-kernel, im2col and that GEMM are
+    /// faster (the CNN step of `bench_cnn`, 64 images, two threads: 44 → 59 steps/s), so only
+    /// the other levels take the direct paths.
+    fn run<E: Num + Arith>(
+        self,
+        simd: Simd,
+        pool: &dyn IntraOpPool,
+        g: &Geom,
+        a: &[E],
+        b: &[E],
+        out: &mut [E],
+    ) {
+        if simd != Simd::Avx512 && run_direct(self, pool, g, a, b, out) {
             return;
         }
         match self {
@@ -769,7 +781,7 @@ fn run_conv(op: ConvOp, dev: &dyn Device, g: &Geom, a: &Tensor, b: &Tensor, out:
         out: Shape,
     ) -> Result<Tensor> {
         let mut t = dev.allocate(E::DTYPE, out)?;
-        op.run::<E>(dev.intra_op(), g, a.as_slice()?, b.as_slice()?, t.as_mut_slice()?);
+        op.run::<E>(simd(), dev.intra_op(), g, a.as_slice()?, b.as_slice()?, t.as_mut_slice()?);
         Ok(t)
     }
     fn half<T: Num<A = f32>>(
@@ -781,7 +793,7 @@ fn run_conv(op: ConvOp, dev: &dyn Device, g: &Geom, a: &Tensor, b: &Tensor, out:
         out: Shape,
     ) -> Result<Tensor> {
         let mut o = vec![0f32; out.checked_num_elements()?];
-        op.run::<f32>(pool, g, &widen::<T>(a)?, &widen::<T>(b)?, &mut o);
+        op.run::<f32>(simd(), pool, g, &widen::<T>(a)?, &widen::<T>(b)?, &mut o);
         Tensor::new(out, &o.into_iter().map(T::store).collect::<Vec<T>>())
     }
     let pool = dev.intra_op();
@@ -1006,5 +1018,63 @@ impl OpKernel for PoolK {
         };
         ctx.set_output(0, out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of computing each convolution op, the direct one (chosen below the AVX-512 level)
+    /// and im2col with the GEMM, agree on shapes where the direct one applies: a deep input and
+    /// a shallow one, SAME and VALID, on one thread and on a pool.
+    #[test]
+    fn direct_and_im2col_paths_agree() {
+        let threads = crate::pool::ThreadPool::new("conv-test", 2);
+        let pools: [&dyn IntraOpPool; 2] = [&rill_graph::device::InlinePool, &threads];
+        let mut seed = 7u64;
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) % 33) as f32 / 16.0 - 1.0
+                })
+                .collect()
+        };
+        // (input NHWC, filter HWIO, padding)
+        let cases = [
+            ([2, 9, 7, 16], [3, 3, 16, 20], Padding::Same),
+            ([1, 8, 8, 32], [5, 5, 32, 8], Padding::Valid),
+            ([3, 6, 5, 3], [2, 3, 3, 16], Padding::Same),
+        ];
+        for (x, f, padding) in cases {
+            let (xs, fs) = (Shape::new(&x).unwrap(), Shape::new(&f).unwrap());
+            let g = conv_geom(&xs, &fs, WindowAttrs { strides: (1, 1), padding }).unwrap();
+            let (input, filter) = (values(xs.num_elements()), values(fs.num_elements()));
+            let dy = values(g.batch * g.out_h * g.out_row());
+            let runs: [(ConvOp, &[f32], &[f32], usize); 3] = [
+                (ConvOp::Forward, &input, &filter, dy.len()),
+                (ConvOp::BackpropInput, &filter, &dy, input.len()),
+                (ConvOp::BackpropFilter, &input, &dy, filter.len()),
+            ];
+            for (op, a, b, len) in runs {
+                // An input gradient of 3 channels has no direct path.
+                if !run_direct(op, &rill_graph::device::InlinePool, &g, a, b, &mut vec![0f32; len]) {
+                    assert!((op, g.in_c) == (ConvOp::BackpropInput, 3), "{op:?} {x:?} {f:?} is direct");
+                    continue;
+                }
+                for pool in pools {
+                    let (mut direct, mut gemm) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                    op.run(Simd::Avx2, pool, &g, a, b, &mut direct);
+                    op.run(Simd::Avx512, pool, &g, a, b, &mut gemm);
+                    for (i, (d, m)) in direct.iter().zip(&gemm).enumerate() {
+                        assert!(
+                            (d - m).abs() <= 1e-4 * (1.0 + d.abs()),
+                            "{op:?} {x:?} {f:?} [{i}]: {d} vs {m}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
