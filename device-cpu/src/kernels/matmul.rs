@@ -249,6 +249,25 @@ fn pack_b_rows(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, slivers: u
     }
 }
 
+/// `pack_b_rows` compiled for the target features `$features` (a kernel module's copy), so its
+/// 64-byte moves take that level's widest vectors.
+#[cfg(target_arch = "x86_64")]
+macro_rules! pack_b_rows_for {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub(super) fn pack_b_rows(
+            b: &Operand<'_, f32>,
+            p0: usize,
+            kc: usize,
+            j0: usize,
+            n: usize,
+            buf: &mut [f32],
+        ) {
+            super::pack_b_rows(b, p0, kc, j0, n, buf)
+        }
+    };
+}
+
 /// Rows of the tile `tile_from_runs` computes.
 pub(crate) const TILE_ROWS: usize = MR;
 /// Columns of that tile: the width of one sliver of `pack_panel`.
@@ -545,18 +564,7 @@ mod avx2 {
         }
     }
 
-    /// `super::pack_b_rows` with AVX2 moves.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn pack_b_rows(
-        b: &Operand<'_, f32>,
-        p0: usize,
-        kc: usize,
-        j0: usize,
-        slivers: usize,
-        buf: &mut [f32],
-    ) {
-        super::pack_b_rows(b, p0, kc, j0, slivers, buf)
-    }
+    pack_b_rows_for!("avx2,fma");
 
     /// Eight floats from the start of `v`.
     #[inline]
@@ -867,18 +875,7 @@ mod avx512 {
         }
     }
 
-    /// `super::pack_b_rows` with AVX-512 moves.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn pack_b_rows(
-        b: &Operand<'_, f32>,
-        p0: usize,
-        kc: usize,
-        j0: usize,
-        slivers: usize,
-        buf: &mut [f32],
-    ) {
-        super::pack_b_rows(b, p0, kc, j0, slivers, buf)
-    }
+    pack_b_rows_for!("avx512f");
 
     /// A slivers per tile: with `B_SLIVERS` that makes `A_SLIVERS`·`MR`·`B_SLIVERS` zmm accumulators.
     const A_SLIVERS: usize = 1;
