@@ -177,6 +177,8 @@ fn interleave_b(sliver: &mut [f32], srcs: &[&[f32]; NR]) {
 /// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into `NR`-column slivers, zero-padded.
 #[cfg_attr(target_arch = "x86_64", allow(unsafe_code))]
 fn pack_b(b: &Operand<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize, buf: &mut [f32]) {
+    // Whole slivers packed by row blocks; the rest (all of them elsewhere) sliver by sliver.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if !b.trans && has_avx2_fma() {
