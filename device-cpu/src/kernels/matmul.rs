@@ -64,6 +64,25 @@ const COLUMN_SPLIT_MAX: usize = 1 << 20;
 /// Depth below which a few-rows product never splits by columns: it is bound by writing C, and
 /// the caller's copy of the parts into C costs more than each thread packing all of a thin B.
 const COLUMN_SPLIT_MIN_DEPTH: usize = 32;
+/// Columns of one slab of the slab product (`slab_product`): the AVX-512 tile's four slivers.
+#[cfg(target_arch = "x86_64")]
+const SLAB: usize = 4 * NR;
+/// Deepest depth block of a slab: packed, 512 KiB, which stays in L2 while every row of A
+/// passes it.
+const SLAB_DEPTH: usize = 2048;
+/// Most floats of op(A) for the slab product (16 MiB): every slab reads all of A again, which
+/// has to come from the shared L3.
+#[cfg(target_arch = "x86_64")]
+const SLAB_A_MAX: usize = 4 << 20;
+/// Fewest rows for the slab product: each slab's packing is shared by fewer.
+#[cfg(target_arch = "x86_64")]
+const SLAB_MIN_ROWS: usize = MC;
+/// Fewest columns and depth for the slab product: the convolutions' narrow products keep the
+/// blocked path they were measured on.
+#[cfg(target_arch = "x86_64")]
+const SLAB_MIN_COLS: usize = 2 * SLAB;
+#[cfg(target_arch = "x86_64")]
+const SLAB_MIN_DEPTH: usize = 128;
 /// Multiply-adds below which a product runs on the calling thread: waking a pool thread costs
 /// more.
 const PARALLEL_MIN_FLOPS: usize = 1 << 20;
@@ -148,7 +167,9 @@ fn pack_a(a: &Operand<'_, f32>, i0: usize, mc: usize, p0: usize, kc: usize, buf:
 }
 
 /// Zeros standing in for the rows (or columns) past a matrix edge in a packed sliver.
-static ZEROS: [f32; KC_MAX] = [0.0; KC_MAX];
+static ZEROS: [f32; ZEROS_LEN] = [0.0; ZEROS_LEN];
+/// The deepest block any packing pads: a depth block of either kind.
+const ZEROS_LEN: usize = if KC_MAX > SLAB_DEPTH { KC_MAX } else { SLAB_DEPTH };
 
 /// Interleaves `W` equally long runs into `sliver`: `sliver[p * W + i] = srcs[i][p]`, one row of
 /// an A sliver or one column of a B sliver per run.
@@ -718,10 +739,10 @@ mod avx512 {
     //! three quarters of this tile's speed and two (6×32, 12×32) at about nine tenths: the broadcasts,
     //! not the FMAs, bounded them. The packing is the AVX2 kernel's.
 
-    use super::{merge_tile, BlockB, Operand, KC_MAX, MR, NR};
+    use super::{merge_tile, pack_a, BlockB, Operand, KC_MAX, MR, NR};
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     /// Sixteen floats from the start of `v`.
@@ -742,12 +763,15 @@ mod avx512 {
         unsafe { _mm512_storeu_ps(v.as_mut_ptr(), x) }
     }
 
-    /// Slivers of one operand: depth step `p` of sliver `i` starts at `data[i * apart + p * step]`.
+    /// Slivers of one operand: depth step `p` of sliver `i` starts at `data[i * apart + p * step]`;
+    /// an A sliver's row `r` of it lies `r * row` further on (`row` is 1 when packed, and unused
+    /// for B).
     #[derive(Clone, Copy)]
     struct Slivers<'a> {
         data: &'a [f32],
         apart: usize,
         step: usize,
+        row: usize,
     }
 
     /// The tiles of `S` A slivers (`MR` floats a depth step) times `T` B slivers (`NR` floats a
@@ -761,7 +785,7 @@ mod avx512 {
         kc: usize,
     ) -> [[[__m512; T]; MR]; S] {
         let last = kc.max(1) - 1;
-        assert!(a.data.len() >= (S - 1) * a.apart + last * a.step + MR);
+        assert!(a.data.len() > (S - 1) * a.apart + last * a.step + (MR - 1) * a.row);
         assert!(b.data.len() >= (T - 1) * b.apart + last * b.step + NR);
         let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
         let mut acc = [[[_mm512_setzero_ps(); T]; MR]; S];
@@ -774,7 +798,7 @@ mod avx512 {
             for (s, acc_s) in acc.iter_mut().enumerate() {
                 for (r, acc_r) in acc_s.iter_mut().enumerate() {
                     // SAFETY: `s < S`, `p < kc` and `r < MR`: inside `a` (asserted).
-                    let x = _mm512_set1_ps(unsafe { ap.add(s * a.apart + p * a.step + r).read() });
+                    let x = _mm512_set1_ps(unsafe { ap.add(s * a.apart + p * a.step + r * a.row).read() });
                     for (acc_t, &v) in acc_r.iter_mut().zip(&bv) {
                         *acc_t = _mm512_fmadd_ps(x, v, *acc_t);
                     }
@@ -829,10 +853,10 @@ mod avx512 {
         (mc, j0, nc): (usize, usize, usize),
         accumulate: bool,
     ) {
-        let a = Slivers { data: &pa[si * MR * kc..], apart: MR * kc, step: MR };
+        let a = Slivers { data: &pa[si * MR * kc..], apart: MR * kc, step: MR, row: 1 };
         let b = match pb {
-            BlockB::Packed(pb) => Slivers { data: &pb[sj * NR * kc..], apart: NR * kc, step: NR },
-            BlockB::Rows { data, ld } => Slivers { data: &data[sj * NR..], apart: NR, step: ld },
+            BlockB::Packed(pb) => Slivers { data: &pb[sj * NR * kc..], apart: NR * kc, step: NR, row: 0 },
+            BlockB::Rows { data, ld } => Slivers { data: &data[sj * NR..], apart: NR, step: ld, row: 0 },
         };
         let r0 = si * MR;
         let (rows, cols) = (mc.saturating_sub(r0), nc.saturating_sub(sj * NR));
@@ -919,6 +943,103 @@ mod avx512 {
                 si += if full { A_SLIVERS } else { 1 };
             }
             sj += if wide { B_SLIVERS } else { 1 };
+        }
+    }
+
+    /// One column slab of C (`nc` ≤ `B_SLIVERS`·`NR` columns) against one packed depth block of
+    /// op(B) (`pb`: the slab's slivers, `kc` deep from depth `p0`): every `MR`-row tile of
+    /// rows `i0..i0 + m` of an untransposed A, read where it lies. The accumulators span the
+    /// whole block, so C is touched once per block; a partial last tile reads its rows through
+    /// `edge`, a packed sliver (`MR`·`kc` floats).
+    ///
+    /// # Safety
+    /// `c` points at C's row `i0` in this slab's first column; rows `ldc` apart, `m` rows of `nc`
+    /// columns are readable and writable there, and nothing else reads or writes them meanwhile.
+    #[allow(clippy::too_many_arguments, unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn slab(
+        a: &Operand<'_, f32>,
+        (i0, m): (usize, usize),
+        (p0, kc): (usize, usize),
+        pb: &[f32],
+        c: *mut f32,
+        (ldc, nc): (usize, usize),
+        accumulate: bool,
+        edge: &mut [f32],
+    ) {
+        let b = Slivers { data: pb, apart: NR * kc, step: NR, row: 0 };
+        let whole = m / MR * MR;
+        assert!(!a.trans);
+        for r0 in (i0..i0 + whole).step_by(MR) {
+            // Row `r` of the tile: a stored row of A.
+            let a = Slivers { data: &a.data[r0 * a.ld + p0..], apart: 0, step: 1, row: a.ld };
+            // SAFETY: rows `r0..r0 + MR` of the slab are the caller's (see above).
+            unsafe { slab_tile(a, b, kc, (c, r0 - i0), (ldc, MR, nc), accumulate) };
+        }
+        if whole < m {
+            let r0 = i0 + whole;
+            pack_a(a, r0, m - whole, p0, kc, edge);
+            let a = Slivers { data: edge, apart: 0, step: MR, row: 1 };
+            // SAFETY: the last `m - whole` rows of the slab are the caller's.
+            unsafe { slab_tile(a, b, kc, (c, r0 - i0), (ldc, m - whole, nc), accumulate) };
+        }
+    }
+
+    /// One tile of `slab`: `rows` rows (of `MR`) and `nc` columns at row `r` of the slab at `c`.
+    ///
+    /// # Safety
+    /// Those rows and columns of C are readable and writable, and nothing else touches them.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn slab_tile(
+        a: Slivers<'_>,
+        b: Slivers<'_>,
+        kc: usize,
+        (c, r): (*mut f32, usize),
+        (ldc, rows, nc): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: inside the caller's rows (above).
+        let c = unsafe { c.add(r * ldc) };
+        // SAFETY (each arm): the tile's floats of C are the caller's.
+        match nc.div_ceil(NR) {
+            4 => unsafe { store::<4>(&micro::<1, 4>(a, b, kc)[0], c, ldc, rows, nc, accumulate) },
+            3 => unsafe { store::<3>(&micro::<1, 3>(a, b, kc)[0], c, ldc, rows, nc, accumulate) },
+            2 => unsafe { store::<2>(&micro::<1, 2>(a, b, kc)[0], c, ldc, rows, nc, accumulate) },
+            _ => unsafe { store::<1>(&micro::<1, 1>(a, b, kc)[0], c, ldc, rows, nc, accumulate) },
+        }
+    }
+
+    /// Writes (or adds) the top `rows` of a tile's accumulators to C at `c` (rows `ldc` apart),
+    /// the first `cols` of its `T`·`NR` columns, through masks: only those floats are read or
+    /// written.
+    ///
+    /// # Safety
+    /// Those `rows`×`cols` floats at `c` are readable and writable.
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const T: usize>(
+        acc: &[[__m512; T]; MR],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            for (t, &x) in acc_r.iter().enumerate() {
+                let left = cols.saturating_sub(t * NR).min(NR);
+                let mask = ((1u32 << left) - 1) as u16;
+                // SAFETY: the mask covers columns `t·NR..t·NR + left` of row `r` only, inside
+                // the caller's `rows`×`cols`; masked-off lanes are neither read nor written.
+                unsafe {
+                    let at = c.add(r * ldc + t * NR);
+                    let x = if accumulate { _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, at)) } else { x };
+                    _mm512_mask_storeu_ps(at, mask, x);
+                }
+            }
         }
     }
 }
@@ -1180,6 +1301,18 @@ fn gemm_f32_on(
         });
         return;
     }
+    // A transposed A is left to the blocked path: read in place, each of its depth steps is a
+    // new cache line (a 2048² product ran at half speed).
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512
+        && !a.trans
+        && m >= SLAB_MIN_ROWS
+        && n >= SLAB_MIN_COLS
+        && k >= SLAB_MIN_DEPTH
+        && m * k <= SLAB_A_MAX
+    {
+        return slab_product(pool, a, b, k, c, n, accumulate, epi);
+    }
     // Column groups, each packed whole and then read by every band. A group after the first is
     // packed by the last items of the group before it: a thread out of bands packs the next group
     // while the others finish theirs, instead of both waiting and then packing.
@@ -1218,6 +1351,107 @@ fn gemm_f32_on(
                 });
             }
         })
+    });
+}
+
+/// C shared by the items of a slab product, each of which reads and writes only its own rows of
+/// its own slab's columns: their rows interleave in memory, so no item can hold a slice.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SharedC {
+    ptr: *mut f32,
+    len: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl SharedC {
+    /// Where C's float `offset` lies (inside C: asserted).
+    fn at(&self, offset: usize) -> *mut f32 {
+        assert!(offset < self.len);
+        self.ptr.wrapping_add(offset)
+    }
+}
+
+// SAFETY: items touch disjoint floats (see above), and `parallel_items` returns only after all
+// of them are done, while the `&mut [f32]` this was made from is still borrowed.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+unsafe impl Send for SharedC {}
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedC {}
+
+/// `C (m×n) (=|+=) A × op(B)` on the AVX-512 kernel, slab by slab: the pool's threads claim
+/// slabs of `SLAB` columns; each packs its slab of op(B), one depth block of at most
+/// `SLAB_DEPTH` at a time, into its own buffer, where it stays in L2, and runs every row of A
+/// past it, read where it lies (`avx512::slab`). Nothing waits on a shared packing and no A
+/// block is packed; C is touched once per depth block. The last slabs are cut into row parts,
+/// so the threads run out of work together.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments, unsafe_code)]
+fn slab_product(
+    pool: &dyn IntraOpPool,
+    a: Operand<'_, f32>,
+    b: Operand<'_, f32>,
+    k: usize,
+    c: &mut [f32],
+    n: usize,
+    accumulate: bool,
+    epi: Option<&Epilogue<'_>>,
+) {
+    let m = c.len() / n;
+    let threads = pool.num_threads().max(1);
+    let slabs = n.div_ceil(SLAB);
+    let tail = if threads > 1 { threads.min(slabs) } else { 0 };
+    let (tiles, parts) = (m.div_ceil(MR), 2 * threads);
+    let mut items = Vec::with_capacity(slabs + tail * parts);
+    for s in 0..slabs {
+        let (j0, nc) = (s * SLAB, SLAB.min(n - s * SLAB));
+        if s < slabs - tail {
+            items.push((j0, nc, 0, m));
+            continue;
+        }
+        for q in 0..parts {
+            let (r0, r1) = (q * tiles / parts * MR, ((q + 1) * tiles / parts * MR).min(m));
+            if r1 > r0 {
+                items.push((j0, nc, r0, r1 - r0));
+            }
+        }
+    }
+    let depth = k.div_ceil(k.div_ceil(SLAB_DEPTH));
+    let shared = SharedC { ptr: c.as_mut_ptr(), len: c.len() };
+    parallel_items(pool, items, |_, (j0, nc, r0, rows)| {
+        assert!(r0 + rows <= m && j0 + nc <= n);
+        with_buffer(&PACKED_B, (SLAB + MR) * depth, |buf| {
+            let (pb, edge) = buf.split_at_mut(SLAB * depth);
+            for p0 in (0..k).step_by(depth) {
+                let kc = depth.min(k - p0);
+                let pb = &mut pb[..nc.div_ceil(NR) * NR * kc];
+                pack_b(&b, p0, kc, j0, nc, pb);
+                // SAFETY: `slab_product` runs only where `Simd::Avx512` found AVX-512F. The item's
+                // rows `r0..r0 + rows` of columns `j0..j0 + nc` lie inside C (asserted) and no
+                // other item touches them.
+                unsafe {
+                    avx512::slab(
+                        &a,
+                        (r0, rows),
+                        (p0, kc),
+                        pb,
+                        shared.at(r0 * n + j0),
+                        (n, nc),
+                        accumulate || p0 > 0,
+                        &mut edge[..MR * kc],
+                    )
+                };
+            }
+        });
+        if let Some(e) = epi {
+            for r in r0..r0 + rows {
+                // SAFETY: this item's floats of row `r` (see above), borrowed one row at a time.
+                let row = unsafe { std::slice::from_raw_parts_mut(shared.at(r * n + j0), nc) };
+                e.apply(row, nc, r, 0, j0, nc);
+            }
+        }
     });
 }
 
@@ -1733,6 +1967,57 @@ mod tests {
             }
             for simd in Simd::available() {
                 assert_eq!(tile_from_gathered(simd, &a, &b, 8), want, "depth {depth} rows {m} simd {simd:?}");
+            }
+        }
+    }
+
+    /// The slab product (AVX-512, where the CPU has it) against the plain sum: a partial last
+    /// tile and slab on one thread; on a pool of four threads, more rows than the few-rows split takes,
+    /// so the last slabs are cut into row parts; two depth blocks, the second adding to the
+    /// first. Both layouts of B, writing and accumulating, then each epilogue.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_slab_product_matches_the_reference() {
+        if !Simd::available().contains(&Simd::Avx512) {
+            return;
+        }
+        let threads = crate::pool::ThreadPool::new("gemm-test", 3);
+        let cases: [(usize, usize, usize, &dyn IntraOpPool); 3] =
+            [(151, 130, 200, &InlinePool), (601, 300, 200, &threads), (150, 2100, 130, &InlinePool)];
+        for (m, k, n, pool) in cases {
+            let few_rows = pool.num_threads() > 1 && m.div_ceil(MR) <= pool.num_threads() * (MC / MR);
+            assert!(m >= SLAB_MIN_ROWS && n >= SLAB_MIN_COLS && k >= SLAB_MIN_DEPTH && m * k <= SLAB_A_MAX);
+            assert!(!few_rows && n % SLAB != 0 && (m % MR != 0 || k > SLAB_DEPTH));
+            let val = |i: usize, p: usize, q: usize| ((i * p % q) as f32 - (q / 2) as f32) / 8.0;
+            let av: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
+            let bv: Vec<f32> = (0..k * n).map(|i| val(i, 5, 11)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| val(i, 3, 7)).collect();
+            let a = Operand::new(&av, k, false);
+            for tb in [false, true] {
+                let b = Operand::new(&bv, if tb { k } else { n }, tb);
+                for acc in [false, true] {
+                    let mut want = c0.clone();
+                    reference(&a, &b, k, &mut want, n, acc);
+                    let mut got = c0.clone();
+                    gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, acc, None);
+                    // Sums of eighths: exact in f32 at these sizes, in any order.
+                    assert!(got == want, "{m}x{k}x{n} tb={tb} acc={acc}");
+                }
+                let mut product = vec![0f32; m * n];
+                reference(&a, &b, k, &mut product, n, false);
+                let bias: Vec<f32> = (0..n).map(|j| val(j, 1, 9)).collect();
+                let features: Vec<f32> = (0..m * n).map(|i| val(i, 1, 5)).collect();
+                for epi in [
+                    Epilogue::Bias { bias: &bias, relu: false },
+                    Epilogue::Bias { bias: &bias, relu: true },
+                    Epilogue::ReluGrad { features: &features, n },
+                ] {
+                    let mut want = product.clone();
+                    epi.apply(&mut want, n, 0, 0, 0, n);
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, false, Some(&epi));
+                    assert!(got == want, "{m}x{k}x{n} tb={tb} with an epilogue");
+                }
             }
         }
     }
