@@ -10,7 +10,9 @@
 //! and the A block in L2.
 //! With at most one `MC` block of rows per thread (a training batch) there is nothing to share a
 //! packed B over: each thread packs the part of B it uses itself, block by block (see
-//! `gemm_f32_on`).
+//! `gemm_f32_on`). On the AVX-512 kernel a large product with an untransposed A goes slab by
+//! slab instead (`slab_product`): each thread packs 64 columns of B into its own L2 and streams
+//! A past them where it lies.
 
 use super::{for_chunks, parallel_items, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::InlinePool;
