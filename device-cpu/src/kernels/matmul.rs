@@ -76,6 +76,10 @@ const SLAB_DEPTH: usize = 2048;
 /// has to come from the shared L3.
 #[cfg(target_arch = "x86_64")]
 const SLAB_A_MAX: usize = 4 << 20;
+/// Fewest rows of a part of one of the last slabs: each part packs the whole slab again, about
+/// `32 / rows` of the part's work for a 2048-deep slab.
+#[cfg(target_arch = "x86_64")]
+const SLAB_MIN_PART_ROWS: usize = 128;
 /// Fewest rows for the slab product: each slab's packing is shared by fewer.
 #[cfg(target_arch = "x86_64")]
 const SLAB_MIN_ROWS: usize = MC;
@@ -1304,16 +1308,8 @@ fn gemm_f32_on(
         });
         return;
     }
-    // A transposed A is left to the blocked path: read in place, each of its depth steps is a
-    // new cache line (a 2048² product ran at half speed).
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512
-        && !a.trans
-        && m >= SLAB_MIN_ROWS
-        && n >= SLAB_MIN_COLS
-        && k >= SLAB_MIN_DEPTH
-        && m * k <= SLAB_A_MAX
-    {
+    if takes_slabs(simd, threads, &a, m, k, n) {
         return slab_product(pool, a, b, k, c, n, accumulate, epi);
     }
     // Column groups, each packed whole and then read by every band. A group after the first is
@@ -1355,6 +1351,22 @@ fn gemm_f32_on(
             }
         })
     });
+}
+
+/// Whether a product of more rows than the few-rows split takes runs as slabs on `threads`
+/// threads: on the AVX-512 kernel, within the `SLAB_*` bounds, with a whole slab for every
+/// thread (fewer would each pack a slab for a part of its rows). A transposed A is left to the
+/// blocked path: read in place, each of its depth steps is a new cache line (a 2048² product
+/// ran at half speed).
+#[cfg(target_arch = "x86_64")]
+fn takes_slabs(simd: Simd, threads: usize, a: &Operand<'_, f32>, m: usize, k: usize, n: usize) -> bool {
+    simd == Simd::Avx512
+        && !a.trans
+        && m >= SLAB_MIN_ROWS
+        && n >= SLAB_MIN_COLS
+        && n.div_ceil(SLAB) >= threads
+        && k >= SLAB_MIN_DEPTH
+        && m * k <= SLAB_A_MAX
 }
 
 /// C shared by the items of a slab product, each of which reads and writes only its own rows of
@@ -1406,7 +1418,7 @@ fn slab_product(
     let threads = pool.num_threads().max(1);
     let slabs = n.div_ceil(SLAB);
     let tail = if threads > 1 { threads.min(slabs) } else { 0 };
-    let (tiles, parts) = (m.div_ceil(MR), 2 * threads);
+    let (tiles, parts) = (m.div_ceil(MR), (2 * threads).min(m / SLAB_MIN_PART_ROWS).max(1));
     let mut items = Vec::with_capacity(slabs + tail * parts);
     for s in 0..slabs {
         let (j0, nc) = (s * SLAB, SLAB.min(n - s * SLAB));
@@ -1977,7 +1989,7 @@ mod tests {
     /// The slab product (AVX-512, where the CPU has it) against the plain sum: a partial last
     /// tile and slab on one thread; on a pool of four threads, more rows than the few-rows split
     /// takes, so the last slabs are cut into row parts; two depth blocks, the second adding to the
-    /// first; one slab, shallow, cut into row parts with a partial last tile. Both layouts of B, writing and accumulating, then each epilogue.
+    /// first; one slab, shallow; four slabs, each cut into eight row parts. Both layouts of B, writing and accumulating, then each epilogue.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_slab_product_matches_the_reference() {
@@ -1985,16 +1997,19 @@ mod tests {
             return;
         }
         let threads = crate::pool::ThreadPool::new("gemm-test", 3);
-        let cases: [(usize, usize, usize, &dyn IntraOpPool); 4] = [
+        let cases: [(usize, usize, usize, &dyn IntraOpPool); 5] = [
             (151, 130, 200, &InlinePool),
             (601, 300, 200, &threads),
             (150, 2100, 130, &InlinePool),
-            (601, 40, 64, &threads),
+            (601, 40, 64, &InlinePool),
+            (1400, 40, 256, &threads),
         ];
         for (m, k, n, pool) in cases {
             let few_rows = pool.num_threads() > 1 && m.div_ceil(MR) <= pool.num_threads() * (MC / MR);
-            assert!(m >= SLAB_MIN_ROWS && n >= SLAB_MIN_COLS && k >= SLAB_MIN_DEPTH && m * k <= SLAB_A_MAX);
-            assert!(!few_rows);
+            assert!(
+                !few_rows
+                    && takes_slabs(Simd::Avx512, pool.num_threads(), &Operand::new(&[], k, false), m, k, n)
+            );
             let val = |i: usize, p: usize, q: usize| ((i * p % q) as f32 - (q / 2) as f32) / 8.0;
             let av: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
             let bv: Vec<f32> = (0..k * n).map(|i| val(i, 5, 11)).collect();
