@@ -1988,8 +1988,9 @@ mod tests {
 
     /// The slab product (AVX-512, where the CPU has it) against the plain sum: a partial last
     /// tile and slab on one thread; on a pool of four threads, more rows than the few-rows split
-    /// takes, so the last slabs are cut into row parts; two depth blocks, the second adding to the
-    /// first; one slab, shallow; four slabs, each cut into eight row parts. Both layouts of B, writing and accumulating, then each epilogue.
+    /// takes, so the last slabs are cut into row parts; two depth blocks, the second adding to
+    /// the first; one slab, shallow; four slabs, each cut into eight row parts. Both layouts of
+    /// B, writing and accumulating, then each epilogue.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_slab_product_matches_the_reference() {
