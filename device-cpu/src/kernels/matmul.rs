@@ -749,7 +749,8 @@ mod avx512 {
     use super::{merge_tile, pack_a, BlockB, Operand, KC_MAX, MR, NR};
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
-        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm_prefetch,
+        _MM_HINT_T0,
     };
 
     /// Sixteen floats from the start of `v`.
@@ -978,6 +979,9 @@ mod avx512 {
         let whole = m / MR * MR;
         assert!(!a.trans);
         for r0 in (i0..i0 + whole).step_by(MR) {
+            if r0 + 2 * MR <= i0 + whole {
+                prefetch_rows(&a.data[(r0 + MR) * a.ld + p0..], a.ld);
+            }
             // Row `r` of the tile: a stored row of A.
             let a = Slivers { data: &a.data[r0 * a.ld + p0..], apart: 0, step: 1, row: a.ld };
             // SAFETY: rows `r0..r0 + MR` of the slab are the caller's (see above).
@@ -989,6 +993,25 @@ mod avx512 {
             let a = Slivers { data: edge, apart: 0, step: MR, row: 1 };
             // SAFETY: the last `m - whole` rows of the slab are the caller's.
             unsafe { slab_tile(a, b, kc, (c, r0 - i0), (ldc, m - whole, nc), accumulate) };
+        }
+    }
+
+    /// Lines of each row of the next tile `slab` asks the cache for before a tile: its six new
+    /// streams then start warm, where the hardware prefetcher would wait for misses first
+    /// (2048² on two threads: +1.2%, 6 alternating runs).
+    const PREFETCH_LINES: usize = 4;
+
+    /// Prefetches the first `PREFETCH_LINES` lines of the `MR` rows (`ld` apart) from the start of
+    /// `rows`, as far as `rows` reaches.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch_rows(rows: &[f32], ld: usize) {
+        for r in 0..MR {
+            for l in 0..PREFETCH_LINES {
+                if let Some(x) = rows.get(r * ld + l * NR) {
+                    _mm_prefetch::<_MM_HINT_T0>((x as *const f32).cast());
+                }
+            }
         }
     }
 
