@@ -10,9 +10,9 @@
 //! and the A block in L2.
 //! With at most one `MC` block of rows per thread (a training batch) there is nothing to share a
 //! packed B over: each thread packs the part of B it uses itself, block by block (see
-//! `gemm_f32_on`). On the AVX-512 kernel a large product with an untransposed A goes slab by
-//! slab instead (`slab_product`): each thread packs 64 columns of B into its own L2 and streams
-//! A past them where it lies.
+//! `gemm_f32_on`). On the AVX-512 kernel a large product (with A transposed only while it is
+//! small) goes slab by slab instead (`slab_product`): each thread packs 64 columns of B into its
+//! own L2 and streams A past them where it lies.
 
 use super::{for_chunks, parallel_items, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::InlinePool;
@@ -76,6 +76,12 @@ const SLAB_DEPTH: usize = 2048;
 /// has to come from the shared L3.
 #[cfg(target_arch = "x86_64")]
 const SLAB_A_MAX: usize = 4 << 20;
+/// Most floats of a transposed A for the slab product (1 MiB, in L2): read in place, each depth
+/// step of a tile is a new cache line, which costs little from L2 (the MLP's and the CNN's
+/// weight-gradient products ran 3% and 2.5% faster steps as slabs) and much from L3 (a 2048²
+/// product at half speed).
+#[cfg(target_arch = "x86_64")]
+const SLAB_TRANSPOSED_A_MAX: usize = 256 << 10;
 /// Fewest rows of a part of one of the last slabs: each part packs the whole slab again, about
 /// `32 / rows` of the part's work for a 2048-deep slab.
 #[cfg(target_arch = "x86_64")]
@@ -956,7 +962,7 @@ mod avx512 {
 
     /// One column slab of C (`nc` ≤ `B_SLIVERS`·`NR` columns) against one packed depth block of
     /// op(B) (`pb`: the slab's slivers, `kc` deep from depth `p0`): every `MR`-row tile of
-    /// rows `i0..i0 + m` of an untransposed A, read where it lies. The accumulators span the
+    /// rows `i0..i0 + m` of op(A), read where it lies. The accumulators span the
     /// whole block, so C is touched once per block; a partial last tile reads its rows through
     /// `edge`, a packed sliver (`MR`·`kc` floats).
     ///
@@ -977,13 +983,17 @@ mod avx512 {
     ) {
         let b = Slivers { data: pb, apart: NR * kc, step: NR, row: 0 };
         let whole = m / MR * MR;
-        assert!(!a.trans);
         for r0 in (i0..i0 + whole).step_by(MR) {
-            if r0 + 2 * MR <= i0 + whole {
-                prefetch_rows(&a.data[(r0 + MR) * a.ld + p0..], a.ld);
-            }
-            // Row `r` of the tile: a stored row of A.
-            let a = Slivers { data: &a.data[r0 * a.ld + p0..], apart: 0, step: 1, row: a.ld };
+            // Row `r` of the tile at depth step `p`: a stored row of A, or a stored column of
+            // A's transpose (whose next tile mostly shares this one's lines).
+            let a = if a.trans {
+                Slivers { data: &a.data[p0 * a.ld + r0..], apart: 0, step: a.ld, row: 1 }
+            } else {
+                if r0 + 2 * MR <= i0 + whole {
+                    prefetch_rows(&a.data[(r0 + MR) * a.ld + p0..], a.ld);
+                }
+                Slivers { data: &a.data[r0 * a.ld + p0..], apart: 0, step: 1, row: a.ld }
+            };
             // SAFETY: rows `r0..r0 + MR` of the slab are the caller's (see above).
             unsafe { slab_tile(a, b, kc, (c, r0 - i0), (ldc, MR, nc), accumulate) };
         }
@@ -1378,13 +1388,12 @@ fn gemm_f32_on(
 
 /// Whether a product of more rows than the few-rows split takes runs as slabs on `threads`
 /// threads: on the AVX-512 kernel, within the `SLAB_*` bounds, with a whole slab for every
-/// thread (fewer would each pack a slab for a part of its rows). A transposed A is left to the
-/// blocked path: read in place, each of its depth steps is a new cache line (a 2048² product
-/// ran at half speed).
+/// thread (fewer would each pack a slab for a part of its rows). A larger transposed A is left
+/// to the blocked path (`SLAB_TRANSPOSED_A_MAX`).
 #[cfg(target_arch = "x86_64")]
 fn takes_slabs(simd: Simd, threads: usize, a: &Operand<'_, f32>, m: usize, k: usize, n: usize) -> bool {
     simd == Simd::Avx512
-        && !a.trans
+        && (!a.trans || m * k <= SLAB_TRANSPOSED_A_MAX)
         && m >= SLAB_MIN_ROWS
         && n >= SLAB_MIN_COLS
         && n.div_ceil(SLAB) >= threads
@@ -1419,7 +1428,7 @@ unsafe impl Send for SharedC {}
 #[allow(unsafe_code)]
 unsafe impl Sync for SharedC {}
 
-/// `C (m×n) (=|+=) A × op(B)` on the AVX-512 kernel, slab by slab: the pool's threads claim
+/// `C (m×n) (=|+=) op(A) × op(B)` on the AVX-512 kernel, slab by slab: the pool's threads claim
 /// slabs of `SLAB` columns; each packs its slab of op(B), one depth block of at most
 /// `SLAB_DEPTH` at a time, into its own buffer, where it stays in L2, and runs every row of A
 /// past it, read where it lies (`avx512::slab`). Nothing waits on a shared packing and no A
@@ -2012,8 +2021,9 @@ mod tests {
     /// The slab product (AVX-512, where the CPU has it) against the plain sum: a partial last
     /// tile and slab on one thread; on a pool of four threads, more rows than the few-rows split
     /// takes, so the last slabs are cut into row parts; two depth blocks, the second adding to
-    /// the first; one slab, shallow; four slabs, each cut into eight row parts. Both layouts of
-    /// B, writing and accumulating, then each epilogue.
+    /// the first; one slab, shallow; four slabs, each cut into eight row parts. Every transpose
+    /// pair (a transposed A in place where it fits `SLAB_TRANSPOSED_A_MAX`, so not in the deep
+    /// case), writing and accumulating, then each epilogue.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_slab_product_matches_the_reference() {
@@ -2038,8 +2048,9 @@ mod tests {
             let av: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
             let bv: Vec<f32> = (0..k * n).map(|i| val(i, 5, 11)).collect();
             let c0: Vec<f32> = (0..m * n).map(|i| val(i, 3, 7)).collect();
-            let a = Operand::new(&av, k, false);
-            for tb in [false, true] {
+            for t in 0..4 {
+                let (ta, tb) = (t % 2 == 1, t >= 2);
+                let a = Operand::new(&av, if ta { m } else { k }, ta);
                 let b = Operand::new(&bv, if tb { k } else { n }, tb);
                 for acc in [false, true] {
                     let mut want = c0.clone();
@@ -2047,7 +2058,7 @@ mod tests {
                     let mut got = c0.clone();
                     gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, acc, None);
                     // Sums of eighths: exact in f32 at these sizes, in any order.
-                    assert!(got == want, "{m}x{k}x{n} tb={tb} acc={acc}");
+                    assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}");
                 }
                 let mut product = vec![0f32; m * n];
                 reference(&a, &b, k, &mut product, n, false);
@@ -2062,7 +2073,7 @@ mod tests {
                     epi.apply(&mut want, n, 0, 0, 0, n);
                     let mut got = vec![f32::NAN; m * n];
                     gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, false, Some(&epi));
-                    assert!(got == want, "{m}x{k}x{n} tb={tb} with an epilogue");
+                    assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} with an epilogue");
                 }
             }
         }
