@@ -3,8 +3,8 @@
 //! parallel over batch × row blocks; f16 and bf16 are computed in f32.
 
 use super::matmul::{
-    gemm_serial, pack_panel, pack_transposed, simd, tile_from_gathered, tile_from_runs, widen, Operand, Simd,
-    TILE_COLS, TILE_ROWS,
+    gemm_serial, gemm_serial_packed, pack_panel, pack_transposed, simd, tile_from_gathered, tile_from_runs,
+    widen, Operand, PackedRhs, Simd, TILE_COLS, TILE_ROWS,
 };
 use super::{int_vector, unsupported, with_buffer, Arith, Num};
 use rill_graph::device::{chunk_len, parallel_chunks_mut, Device};
@@ -319,6 +319,8 @@ fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E
         out.fill(E::ZERO);
         return;
     }
+    // Packed once for every block's product.
+    let packed = PackedRhs::new(Operand::new(filter, g.out_c, false), k, g.out_c);
     for_image_rows(pool, out, g.out_h, g.out_row(), g.out_w * k * g.out_c, |n, rows, dst| {
         let image = &x[n * g.in_image()..][..g.in_image()];
         with_scratch::<E, _>(g.block_rows().min(rows.len()) * g.out_w * k, |scratch| {
@@ -328,7 +330,7 @@ fn conv2d<E: Num + Arith>(pool: &dyn IntraOpPool, g: &Geom, x: &[E], filter: &[E
                 im2col(g, image, r0..r1, cols);
                 let c = &mut dst[(r0 - rows.start) * g.out_row()..(r1 - rows.start) * g.out_row()];
                 let (a, f) = (Operand::new(cols, k, false), Operand::new(filter, g.out_c, false));
-                gemm_serial(a, f, k, c, g.out_c, false);
+                gemm_serial_packed(a, f, &packed, k, c, g.out_c, false);
             }
         });
     });
@@ -346,6 +348,9 @@ fn conv2d_backprop_input<E: Num + Arith>(
 ) {
     let k = g.patch_len();
     let row_cost = g.out_w * k * g.out_c * g.out_h / g.in_h.max(1);
+    let filter_t = Operand::new(filter, g.out_c, true);
+    // Packed once for every block's product.
+    let packed = PackedRhs::new(filter_t, g.out_c, k);
     for_image_rows(pool, dx, g.in_h, g.in_w * g.in_c, row_cost, |n, in_rows, dst| {
         let dy = &dy[n * g.out_h * g.out_row()..][..g.out_h * g.out_row()];
         let touched = g.out_rows_touching(in_rows.clone());
@@ -355,7 +360,7 @@ fn conv2d_backprop_input<E: Num + Arith>(
                 let r1 = touched.end.min(r0 + g.block_rows());
                 let cols = &mut scratch[..(r1 - r0) * g.out_w * k];
                 let a = Operand::new(&dy[r0 * g.out_row()..r1 * g.out_row()], g.out_c, false);
-                gemm_serial(a, Operand::new(filter, g.out_c, true), g.out_c, cols, k, false);
+                gemm_serial_packed(a, filter_t, &packed, g.out_c, cols, k, false);
                 col2im(g, cols, r0..r1, in_rows.clone(), dst);
             }
         });

@@ -1342,8 +1342,8 @@ fn gemm_f32_on(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if takes_slabs(simd, threads, &a, m, k, n) {
-        return slab_product(pool, a, b, k, c, n, accumulate, epi);
+    if takes_slabs(simd, threads, &a, (m, k, n), false) {
+        return slab_product(pool, a, SlabB::Pack(b), k, c, n, accumulate, epi);
     }
     // Column groups, each packed whole and then read by every band. A group after the first is
     // packed by the last items of the group before it: a thread out of bands packs the next group
@@ -1389,16 +1389,33 @@ fn gemm_f32_on(
 /// Whether a product of more rows than the few-rows split takes runs as slabs on `threads`
 /// threads: on the AVX-512 kernel, within the `SLAB_*` bounds, with a whole slab for every
 /// thread (fewer would each pack a slab for a part of its rows). A larger transposed A is left
-/// to the blocked path (`SLAB_TRANSPOSED_A_MAX`).
+/// to the blocked path (`SLAB_TRANSPOSED_A_MAX`). With op(B) `packed` beforehand, there is no
+/// packing for the rows to share, so any number of them will do.
 #[cfg(target_arch = "x86_64")]
-fn takes_slabs(simd: Simd, threads: usize, a: &Operand<'_, f32>, m: usize, k: usize, n: usize) -> bool {
+fn takes_slabs(
+    simd: Simd,
+    threads: usize,
+    a: &Operand<'_, f32>,
+    (m, k, n): (usize, usize, usize),
+    packed: bool,
+) -> bool {
     simd == Simd::Avx512
         && (!a.trans || m * k <= SLAB_TRANSPOSED_A_MAX)
-        && m >= SLAB_MIN_ROWS
+        && (packed || m >= SLAB_MIN_ROWS)
         && n >= SLAB_MIN_COLS
         && n.div_ceil(SLAB) >= threads
         && k >= SLAB_MIN_DEPTH
         && m * k <= SLAB_A_MAX
+}
+
+/// Where a slab product finds op(B).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum SlabB<'a> {
+    /// To be packed slab by slab.
+    Pack(Operand<'a, f32>),
+    /// Packed already, all columns in one depth block (`PackedRhs`).
+    Packed(&'a [f32]),
 }
 
 /// C shared by the items of a slab product, each of which reads and writes only its own rows of
@@ -1439,7 +1456,7 @@ unsafe impl Sync for SharedC {}
 fn slab_product(
     pool: &dyn IntraOpPool,
     a: Operand<'_, f32>,
-    b: Operand<'_, f32>,
+    b: SlabB<'_>,
     k: usize,
     c: &mut [f32],
     n: usize,
@@ -1473,8 +1490,15 @@ fn slab_product(
             let (pb, edge) = buf.split_at_mut(SLAB * depth);
             for p0 in (0..k).step_by(depth) {
                 let kc = depth.min(k - p0);
-                let pb = &mut pb[..nc.div_ceil(NR) * NR * kc];
-                pack_b(&b, p0, kc, j0, nc, pb);
+                let len = nc.div_ceil(NR) * NR * kc;
+                let pb = match b {
+                    // One depth block, all of it: the slab is `kc` floats a column from `j0` on.
+                    SlabB::Packed(packed) => &packed[j0 * kc..][..len],
+                    SlabB::Pack(b) => {
+                        pack_b(&b, p0, kc, j0, nc, &mut pb[..len]);
+                        &pb[..len]
+                    }
+                };
                 // SAFETY: `slab_product` runs only where `Simd::Avx512` found AVX-512F. The item's
                 // rows `r0..r0 + rows` of columns `j0..j0 + nc` lie inside C (asserted) and no
                 // other item touches them.
@@ -1619,6 +1643,67 @@ fn bands(c: &mut [f32], m: usize, n: usize, nbands: usize) -> Vec<(usize, &mut [
         i0 = i1;
     }
     items
+}
+
+/// An f32 right-hand side packed once for many products on the calling thread (`gemm_serial`):
+/// where the CPU runs them as slabs, each product then skips packing it (a convolution's
+/// filter, multiplied by every block of patches).
+pub(crate) struct PackedRhs {
+    #[cfg(target_arch = "x86_64")]
+    data: Vec<f32>,
+}
+
+impl PackedRhs {
+    /// op(B), `k`×`n` f32 (reinterpreted from `T`), packed for slabs where they run (AVX-512,
+    /// one depth block); empty otherwise, or for other element types.
+    pub(crate) fn new<T: Num>(b: Operand<'_, T>, k: usize, n: usize) -> PackedRhs {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let slabs = T::DTYPE == DType::F32
+                && Simd::detect() == Simd::Avx512
+                && (1..=SLAB_DEPTH).contains(&k)
+                && n > 0;
+            let mut data = Vec::new();
+            if slabs {
+                let b = Operand { data: bytemuck::cast_slice::<T, f32>(b.data), ld: b.ld, trans: b.trans };
+                data.resize(n.div_ceil(NR) * NR * k, 0.0);
+                pack_b(&b, 0, k, 0, n, &mut data);
+            }
+            PackedRhs { data }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (b, k, n);
+            PackedRhs {}
+        }
+    }
+}
+
+/// `C (m×n) (=|+=) op(A) × op(B)` on the calling thread (`+=` when `accumulate`), for kernels
+/// that split their work over the pool themselves (convolutions); f32 through the blocked
+/// micro-kernel, or slab by slab from `packed` (op(B) packed by `PackedRhs::new`) where that
+/// holds it and the product runs as slabs.
+pub(crate) fn gemm_serial_packed<T: Num>(
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    packed: &PackedRhs,
+    k: usize,
+    c: &mut [T],
+    n: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if !packed.data.is_empty() && !c.is_empty() && n > 0 && k > 0 {
+        let a32 = Operand { data: bytemuck::cast_slice::<T, f32>(a.data), ld: a.ld, trans: a.trans };
+        let m = c.len() / n;
+        if T::DTYPE == DType::F32 && takes_slabs(Simd::Avx512, 1, &a32, (m, k, n), true) {
+            assert_eq!(packed.data.len(), n.div_ceil(NR) * NR * k);
+            let c = bytemuck::cast_slice_mut::<T, f32>(c);
+            return slab_product(&InlinePool, a32, SlabB::Packed(&packed.data), k, c, n, accumulate, None);
+        }
+    }
+    let _ = packed;
+    gemm_serial(a, b, k, c, n, accumulate)
 }
 
 /// `C (m×n) (=|+=) op(A) × op(B)` on the calling thread (`+=` when `accumulate`), for kernels
@@ -2042,7 +2127,13 @@ mod tests {
             let few_rows = pool.num_threads() > 1 && m.div_ceil(MR) <= pool.num_threads() * (MC / MR);
             assert!(
                 !few_rows
-                    && takes_slabs(Simd::Avx512, pool.num_threads(), &Operand::new(&[], k, false), m, k, n)
+                    && takes_slabs(
+                        Simd::Avx512,
+                        pool.num_threads(),
+                        &Operand::new(&[], k, false),
+                        (m, k, n),
+                        false
+                    )
             );
             let val = |i: usize, p: usize, q: usize| ((i * p % q) as f32 - (q / 2) as f32) / 8.0;
             let av: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
@@ -2059,6 +2150,12 @@ mod tests {
                     gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, acc, None);
                     // Sums of eighths: exact in f32 at these sizes, in any order.
                     assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}");
+                    // B packed once beforehand, as a convolution's filter is.
+                    let packed = PackedRhs::new(b, k, n);
+                    assert_eq!(packed.data.is_empty(), k > SLAB_DEPTH);
+                    let mut got = c0.clone();
+                    gemm_serial_packed(a, b, &packed, k, &mut got, n, acc);
+                    assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}, B packed");
                 }
                 let mut product = vec![0f32; m * n];
                 reference(&a, &b, k, &mut product, n, false);
@@ -2074,6 +2171,35 @@ mod tests {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_f32_on(Simd::Avx512, pool, a, b, k, &mut got, n, false, Some(&epi));
                     assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} with an epilogue");
+                }
+            }
+        }
+    }
+
+    /// A right-hand side packed once (`PackedRhs`) serves products of any number of rows, as
+    /// slabs where the CPU has AVX-512: one row, a partial tile, a partial slab, every transpose
+    /// pair, writing and accumulating.
+    #[test]
+    fn a_packed_rhs_serves_products_of_any_rows() {
+        let val = |i: usize, p: usize, q: usize| ((i * p % q) as f32 - (q / 2) as f32) / 8.0;
+        for (m, k, n) in [(1, 40, 70), (7, 130, 200), (42, 64, 144)] {
+            let av: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
+            let bv: Vec<f32> = (0..k * n).map(|i| val(i, 5, 11)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| val(i, 3, 7)).collect();
+            for t in 0..4 {
+                let (ta, tb) = (t % 2 == 1, t >= 2);
+                let a = Operand::new(&av, if ta { m } else { k }, ta);
+                let b = Operand::new(&bv, if tb { k } else { n }, tb);
+                let packed = PackedRhs::new(b, k, n);
+                #[cfg(target_arch = "x86_64")]
+                assert_eq!(packed.data.is_empty(), Simd::detect() != Simd::Avx512);
+                for acc in [false, true] {
+                    let mut want = c0.clone();
+                    reference(&a, &b, k, &mut want, n, acc);
+                    let mut got = c0.clone();
+                    gemm_serial_packed(a, b, &packed, k, &mut got, n, acc);
+                    // Sums of eighths: exact in f32 at these sizes, in any order.
+                    assert!(got == want, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}");
                 }
             }
         }
