@@ -1693,10 +1693,10 @@ pub(crate) fn gemm_serial_packed<T: Num>(
     accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if !packed.data.is_empty() && !c.is_empty() && n > 0 && k > 0 {
+    if T::DTYPE == DType::F32 && !packed.data.is_empty() && !c.is_empty() && n > 0 && k > 0 {
         let a32 = Operand { data: bytemuck::cast_slice::<T, f32>(a.data), ld: a.ld, trans: a.trans };
         let m = c.len() / n;
-        if T::DTYPE == DType::F32 && takes_slabs(Simd::Avx512, 1, &a32, (m, k, n), true) {
+        if takes_slabs(Simd::Avx512, 1, &a32, (m, k, n), true) {
             assert_eq!(packed.data.len(), n.div_ceil(NR) * NR * k);
             let c = bytemuck::cast_slice_mut::<T, f32>(c);
             return slab_product(&InlinePool, a32, SlabB::Packed(&packed.data), k, c, n, accumulate, None);
